@@ -1,0 +1,112 @@
+"""From a model shape to a megatron TransformerConfig and this rank's pipeline stage."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_looprpt.models.layer_specs import final_norm_module, sandwich_layer_spec
+from megatron_looprpt.models.looped_gpt import LoopedGPTModel
+
+
+@dataclass
+class LoopedModelConfig:
+    num_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    vocab_size: int
+    max_position_embeddings: int
+    ffn_hidden_size: Optional[int] = None
+    num_query_groups: Optional[int] = None
+    loop_steps: int = 4
+    rotary_base: int = 10000
+    norm_epsilon: float = 1e-6
+    untie_embeddings_and_output_weights: bool = True
+    init_method_std: float = 0.02
+    attention_dropout: float = 0.0
+    hidden_dropout: float = 0.0
+    transformer_impl: str = "local"
+    bf16: bool = False
+    fp8_format: Optional[str] = None
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+    sequence_parallel: bool = False
+    make_vocab_size_divisible_by: int = 128
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Megatron's padding: a multiple of make_vocab_size_divisible_by * TP."""
+        multiple = self.make_vocab_size_divisible_by * self.tensor_parallel
+        return -(-self.vocab_size // multiple) * multiple
+
+
+def transformer_config(cfg: LoopedModelConfig) -> TransformerConfig:
+    on_gpu = torch.cuda.is_available()
+    dtype = torch.bfloat16 if cfg.bf16 else torch.float32
+    fp8 = {}
+    if cfg.fp8_format is not None:
+        fp8 = dict(fp8=cfg.fp8_format, fp8_recipe="delayed", fp8_margin=0,
+                   fp8_amax_history_len=1024, fp8_amax_compute_algo="max")
+    return TransformerConfig(
+        num_layers=cfg.num_layers,
+        hidden_size=cfg.hidden_size,
+        num_attention_heads=cfg.num_attention_heads,
+        num_query_groups=cfg.num_query_groups or cfg.num_attention_heads,
+        ffn_hidden_size=cfg.ffn_hidden_size or 4 * cfg.hidden_size,
+        kv_channels=cfg.hidden_size // cfg.num_attention_heads,
+        normalization="RMSNorm",
+        layernorm_epsilon=cfg.norm_epsilon,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=cfg.hidden_dropout,
+        attention_dropout=cfg.attention_dropout,
+        init_method_std=cfg.init_method_std,
+        tensor_model_parallel_size=cfg.tensor_parallel,
+        pipeline_model_parallel_size=cfg.pipeline_parallel,
+        sequence_parallel=cfg.sequence_parallel,
+        params_dtype=dtype,
+        bf16=cfg.bf16,
+        pipeline_dtype=dtype,
+        autocast_dtype=dtype,
+        # megatron's own initialisation also tags tensor-parallel weights (which the grad norm
+        # and the distributed optimizer read); init_weights then overwrites the values so that
+        # they do not depend on the layout.
+        perform_initialization=True,
+        use_cpu_initialization=not on_gpu,
+        # Fusions are CUDA kernels; the unfused paths are the same maths.
+        masked_softmax_fusion=on_gpu,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+        deallocate_pipeline_outputs=False,
+        **fp8,
+    )
+
+
+def build_stage(cfg: LoopedModelConfig, config: Optional[TransformerConfig] = None) -> LoopedGPTModel:
+    """This rank's pipeline stage of the looped model (the whole model without PP)."""
+    config = config or transformer_config(cfg)
+    model = LoopedGPTModel(
+        config=config,
+        layer_spec=sandwich_layer_spec(cfg.transformer_impl),
+        final_norm_spec=final_norm_module(cfg.transformer_impl),
+        vocab_size=cfg.padded_vocab_size,
+        max_sequence_length=cfg.max_position_embeddings,
+        loop_steps=cfg.loop_steps,
+        pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=True),
+        post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=True),
+        share_embeddings_and_output_weights=not cfg.untie_embeddings_and_output_weights,
+        rotary_base=cfg.rotary_base,
+    )
+    if torch.cuda.is_available():
+        model.cuda(torch.cuda.current_device())
+    return model

@@ -1,0 +1,264 @@
+"""The looped GPT model (Ouro architecture) on megatron-core.
+
+Token embedding, then ONE block of N transformer layers whose weights are shared across T loop
+steps. After every step the final norm is applied; its output is what the next step consumes and
+what the per-step head reads: the output layer (vocab-parallel) and the exit gate.
+
+One instance is one pipeline stage: it holds N/PP of the block's layers (all of them without
+pipeline parallelism), the embedding on the first stage and the final norm, output layer and
+gate on the last stage. Without pipeline parallelism ``forward`` runs all T steps; with it,
+``forward(loop_step=v)`` runs one pass of this stage's layers for loop step v and the pipeline
+schedule carries the hidden state around the ring T times (see ``pipeline.py``).
+"""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from megatron.core import tensor_parallel
+from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
+from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+from megatron.core.models.common.language_module.language_module import LanguageModule
+from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+from megatron.core.transformer.enums import ModelType
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from megatron.core.transformer.transformer_block import TransformerBlock
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_looprpt.models import vocab_parallel
+from megatron_looprpt.models.exit_gate import ExitGate
+
+
+@dataclass(frozen=True)
+class HeadRequest:
+    """What the per-step head computes besides the gate logits.
+
+    ``label_logprobs`` needs labels and is the only thing training needs; it is computed without
+    keeping the step's logits (they are recomputed in backward when ``recompute`` is set), so T
+    steps never hold T full-vocabulary tensors at once.
+    """
+
+    label_logprobs: bool = True
+    entropy: bool = False
+    predictions: bool = False
+    hidden: bool = False
+    logits: bool = False
+    recompute: bool = True
+
+
+@dataclass
+class StepOutput:
+    """Outputs of one loop step, positions laid out [b, s]."""
+
+    gate_logits: torch.Tensor
+    label_logprobs: Optional[torch.Tensor] = None
+    entropy: Optional[torch.Tensor] = None
+    predictions: Optional[torch.Tensor] = None
+    # The post-norm latent the next step consumes, [s, b, h] (sequence-sharded under SP).
+    hidden: Optional[torch.Tensor] = None
+    # Vocab-parallel logits [b, s, V/tp]; only on request.
+    logits: Optional[torch.Tensor] = None
+
+
+@dataclass
+class LoopedOutput:
+    steps: list = field(default_factory=list)
+
+    def stack(self, name: str) -> torch.Tensor:
+        """Stack one field over loop steps: [T, ...]."""
+        return torch.stack([getattr(step, name) for step in self.steps], dim=0)
+
+
+class _AddDeferredGrad(torch.autograd.Function):
+    """Identity whose backward adds the gradient accumulated on a detached twin.
+
+    On the last pipeline stage, step v < T-1's head reads a detached copy of the hidden state
+    (its loss is only formed at step T-1, after the hidden state has already left for the next
+    loop). By the time the schedule back-propagates step v on this stage, the loss backward has
+    filled the twin's ``.grad``; this adds it to the gradient arriving from the next loop.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, twin):
+        ctx.twin = twin
+        return hidden.view_as(hidden)
+
+    @staticmethod
+    def backward(ctx, grad):
+        twin_grad = ctx.twin.grad
+        ctx.twin = None
+        if twin_grad is not None:
+            grad = grad + twin_grad
+        return grad, None
+
+
+class LoopedGPTModel(LanguageModule):
+    def __init__(
+        self,
+        config: TransformerConfig,
+        layer_spec: ModuleSpec,
+        final_norm_spec,
+        vocab_size: int,
+        max_sequence_length: int,
+        loop_steps: int,
+        pre_process: bool = True,
+        post_process: bool = True,
+        share_embeddings_and_output_weights: bool = False,
+        rotary_base: int = 10000,
+        loops_inside: bool = True,
+    ):
+        super().__init__(config=config)
+        self.vocab_size = vocab_size
+        self.max_sequence_length = max_sequence_length
+        self.loop_steps = loop_steps
+        self.loops_inside = loops_inside
+        self.pre_process = pre_process
+        self.post_process = post_process
+        self.share_embeddings_and_output_weights = share_embeddings_and_output_weights
+        self.model_type = ModelType.encoder_or_decoder
+        self.position_embedding_type = "rope"
+        self.input_tensor = None
+        # Head outputs of steps whose loss is formed later (last pipeline stage only).
+        self._deferred_steps = [collections.deque() for _ in range(loop_steps)]
+
+        if pre_process:
+            self.embedding = LanguageModelEmbedding(
+                config=config,
+                vocab_size=vocab_size,
+                max_sequence_length=max_sequence_length,
+                position_embedding_type="none",
+            )
+        self.rotary_pos_emb = RotaryEmbedding(
+            kv_channels=config.kv_channels,
+            rotary_percent=1.0,
+            rotary_interleaved=config.rotary_interleaved,
+            rotary_base=rotary_base,
+            use_cpu_initialization=config.use_cpu_initialization,
+        )
+        # The block always reads its input from the forward argument: this model decides
+        # whether that is the embedding, the previous stage's output or the previous loop.
+        self.decoder = TransformerBlock(
+            config=config, spec=layer_spec, pre_process=True, post_process=False,
+            post_layer_norm=False,
+        )
+        if post_process:
+            self.final_layernorm = build_module(
+                final_norm_spec, config=config, hidden_size=config.hidden_size,
+                eps=config.layernorm_epsilon,
+            )
+            self.output_layer = tensor_parallel.ColumnParallelLinear(
+                config.hidden_size,
+                vocab_size,
+                config=config,
+                init_method=config.init_method,
+                bias=False,
+                skip_bias_add=False,
+                gather_output=False,
+                skip_weight_param_allocation=pre_process and share_embeddings_and_output_weights,
+            )
+            self.exit_gate = ExitGate(config)
+        if pre_process or post_process:
+            self.setup_embeddings_and_output_layer()
+
+    # -- pipeline plumbing ------------------------------------------------------------------
+    def set_input_tensor(self, input_tensor) -> None:
+        if isinstance(input_tensor, list):
+            assert len(input_tensor) == 1, "the looped model takes one input tensor"
+            input_tensor = input_tensor[0]
+        self.input_tensor = input_tensor
+
+    # -- forward ----------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: Optional[torch.Tensor] = None,
+        labels: Optional[torch.Tensor] = None,
+        loop_step: Optional[int] = None,
+        head: HeadRequest = HeadRequest(),
+    ):
+        """Run all loop steps (``loop_step=None``) or one step of this pipeline stage.
+
+        Returns a ``LoopedOutput`` where the last step's head runs, otherwise the hidden state
+        [s, b, h] to hand to the next stage.
+        """
+        steps = range(self.loop_steps) if loop_step is None else [loop_step]
+        if self.pre_process and steps[0] == 0:
+            hidden = self.embedding(input_ids=input_ids, position_ids=position_ids)
+        else:
+            hidden = self.input_tensor
+        seq_len = input_ids.shape[1] if input_ids is not None else labels.shape[1]
+        rotary_pos_emb = self.rotary_pos_emb(seq_len)
+        labels_sb = labels.transpose(0, 1).contiguous() if labels is not None else None
+
+        output = LoopedOutput()
+        for step in steps:
+            hidden = self.decoder(
+                hidden_states=hidden, attention_mask=attention_mask, rotary_pos_emb=rotary_pos_emb
+            )
+            if not self.post_process:
+                continue
+            hidden = self.final_layernorm(hidden)
+            is_last_step = step == self.loop_steps - 1
+            if loop_step is None or is_last_step:
+                output.steps.append(self._step_head(hidden, labels_sb, head))
+            else:
+                twin = hidden.detach().requires_grad_(hidden.requires_grad)
+                self._deferred_steps[step].append(self._step_head(twin, labels_sb, head))
+                hidden = _AddDeferredGrad.apply(hidden, twin) if hidden.requires_grad else hidden
+        if not self.post_process or (loop_step is not None and loop_step != self.loop_steps - 1):
+            return hidden
+        if loop_step is not None:
+            deferred = [self._deferred_steps[v].popleft() for v in range(self.loop_steps - 1)]
+            output.steps = deferred + output.steps
+        return output
+
+    def _step_head(self, hidden, labels_sb, head: HeadRequest) -> StepOutput:
+        gate_logits = self.exit_gate(hidden)
+        if self.config.sequence_parallel:
+            gate_logits = gather_from_sequence_parallel_region(
+                gate_logits, tensor_parallel_output_grad=False
+            )
+        result = StepOutput(gate_logits=gate_logits.transpose(0, 1))
+        if head.hidden:
+            result.hidden = hidden
+        vocab_outputs = self._vocab_outputs(labels_sb, head)
+        if vocab_outputs:
+            if head.recompute and torch.is_grad_enabled() and hidden.requires_grad and not head.logits:
+                values = torch.utils.checkpoint.checkpoint(
+                    self._vocab_head, hidden, labels_sb, vocab_outputs, use_reentrant=False
+                )
+            else:
+                values = self._vocab_head(hidden, labels_sb, vocab_outputs)
+            for name, value in zip(vocab_outputs, values):
+                setattr(result, name, value.transpose(0, 1))
+        return result
+
+    @staticmethod
+    def _vocab_outputs(labels_sb, head: HeadRequest) -> tuple:
+        wanted = []
+        if head.label_logprobs and labels_sb is not None:
+            wanted.append("label_logprobs")
+        for name in ("entropy", "predictions", "logits"):
+            if getattr(head, name):
+                wanted.append(name)
+        return tuple(wanted)
+
+    def _vocab_head(self, hidden, labels_sb, names: tuple):
+        weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
+        logits, _ = self.output_layer(hidden, weight=weight)
+        compute = {
+            "label_logprobs": lambda: vocab_parallel.label_log_probs(logits, labels_sb),
+            "entropy": lambda: vocab_parallel.entropy(logits),
+            "predictions": lambda: vocab_parallel.argmax(logits),
+            "logits": lambda: logits,
+        }
+        return tuple(compute[name]() for name in names)
+
+    def clear_deferred_steps(self) -> None:
+        """Drop head outputs of unfinished microbatches (after a failed or forward-only pass)."""
+        for queue in self._deferred_steps:
+            queue.clear()
