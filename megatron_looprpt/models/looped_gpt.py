@@ -250,13 +250,20 @@ class LoopedGPTModel(LanguageModule):
     def _vocab_head(self, hidden, labels_sb, names: tuple):
         weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
         logits, _ = self.output_layer(hidden, weight=weight)
-        compute = {
-            "label_logprobs": lambda: vocab_parallel.label_log_probs(logits, labels_sb),
-            "entropy": lambda: vocab_parallel.entropy(logits),
-            "predictions": lambda: vocab_parallel.argmax(logits),
-            "logits": lambda: logits,
-        }
-        return tuple(compute[name]() for name in names)
+        values = {}
+        for name in names:
+            if name == "entropy":
+                values[name] = vocab_parallel.entropy(logits)
+            elif name == "predictions":
+                values[name] = vocab_parallel.argmax(logits)
+            elif name == "logits":
+                values[name] = logits
+        if "label_logprobs" in names:
+            # megatron's vocab-parallel cross entropy works in place on its input to save
+            # memory: run it last, and on a copy only when the caller keeps the logits.
+            ce_input = logits.clone() if "logits" in names else logits
+            values["label_logprobs"] = vocab_parallel.label_log_probs(ce_input, labels_sb)
+        return tuple(values[name] for name in names)
 
     def clear_deferred_steps(self) -> None:
         """Drop head outputs of unfinished microbatches (after a failed or forward-only pass)."""

@@ -1,0 +1,21 @@
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: starts several real processes (torchrun); still runs in CI")
+
+
+@pytest.fixture(scope="session")
+def single_process_parallel():
+    """One gloo process with TP=PP=1, shared by the single-process tests of a session."""
+    from megatron_looprpt import parallel
+
+    parallel.initialize(1, 1, seed=1)
+    yield

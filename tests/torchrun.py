@@ -1,0 +1,31 @@
+"""Launch a script under torchrun in real processes and read back its JSON output."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run(script: str, nproc: int, args, timeout: int = 600, env=None) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+               f"--master-port={free_port()}", os.path.join(ROOT, script), *map(str, args)]
+    full_env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+                "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run(command, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def run_json(script: str, nproc: int, args, out_path, **kwargs):
+    result = run(script, nproc, [*args, "--out", out_path], **kwargs)
+    if result.returncode != 0:
+        raise AssertionError(f"{script} failed (rc={result.returncode}):\n{result.stderr[-4000:]}")
+    with open(out_path) as f:
+        return json.load(f)
