@@ -41,3 +41,32 @@ def test_layout_matches_single_process(layout, loops, tmp_path, tmp_path_factory
             assert_close(g_ce, e_ce)
     # The model must actually have trained: the loss moved.
     assert got[0]["loss"] != got[-1]["loss"]
+
+
+RL_LAYOUTS = {k: LAYOUTS[k] for k in ("tp2_sp", "pp2", "dp2_distopt", "tp2_pp2_sp")}
+_rl_reference = {}
+# The policy-gradient term is a sum of +-advantage * log-prob that nearly cancels; its
+# round-off is judged against the size of the terms, not against the tiny sum.
+_ABSOLUTE = {"pg_loss": 1e-6, "reward_mean": 1e-7}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", list(RL_LAYOUTS))
+def test_looprpt_layout_matches_single_process(layout, tmp_path, tmp_path_factory):
+    if "ref" not in _rl_reference:
+        out = tmp_path_factory.mktemp("rlref") / "ref.json"
+        _rl_reference["ref"] = run_json("tests/harness/layout_run.py", 1, ["--rl"], out)
+    expected = _rl_reference["ref"]
+    nproc, flags = RL_LAYOUTS[layout]
+    got = run_json("tests/harness/layout_run.py", nproc, [*flags, "--rl"], tmp_path / "run.json")
+    for g, e in zip(got, expected):
+        for key, value in e.items():
+            for gv, ev in zip(g[key] if isinstance(value, list) else [g[key]],
+                              value if isinstance(value, list) else [value]):
+                if key in _ABSOLUTE:
+                    assert abs(gv - ev) <= _ABSOLUTE[key] + 1e-5 * abs(ev), (key, gv, ev)
+                else:
+                    assert_close(gv, ev)
+    # The teacher moved with the student (EMA) and the KL term became active.
+    assert got[0]["teacher_probe"] != got[-1]["teacher_probe"]
+    assert got[0]["kl_loss"] == 0.0 and got[-1]["kl_loss"] > 0.0

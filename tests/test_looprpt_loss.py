@@ -132,7 +132,7 @@ def test_hard_token_count_in_loss_metrics():
     teacher, student = _inputs()
     cfg = LoopRPTConfig(num_rollouts=G, hard_token_ratio=0.25)
     loss_mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
-    _, m = looprpt_loss(teacher, student, loss_mask, V, cfg, torch.Generator().manual_seed(0))
+    _, m = looprpt_loss(teacher, student, loss_mask, V, cfg, _uniforms(0))
     assert m["num_hard_tokens"].item() == 2
     assert m["num_valid_tokens"].item() == 6
     assert m["hard_token_fraction"].item() == pytest.approx(2 / 6)
@@ -161,18 +161,22 @@ def test_k3_kl():
     assert (kl > 0).all()
 
 
+def _uniforms(seed, shape=None):
+    return torch.rand(shape or (G, B, S), generator=torch.Generator().manual_seed(seed), dtype=DT)
+
+
 def test_sampling_is_reproducible_and_follows_p():
     gate = torch.randn(G, T, B, S, generator=torch.Generator().manual_seed(5))
     p = exit_distribution(gate.transpose(0, 1)).transpose(0, 1)
-    a = sample_exit_steps(p, torch.Generator().manual_seed(7))
+    a = sample_exit_steps(p, _uniforms(7))
     torch.manual_seed(123)  # the global RNG must not matter
     torch.rand(10)
-    b = sample_exit_steps(p, torch.Generator().manual_seed(7))
+    b = sample_exit_steps(p, _uniforms(7))
     assert a.shape == (G, B, S) and a.dtype == torch.long
     assert torch.equal(a, b)
     # Empirical frequencies match p; a zero-probability step is never drawn.
     probs = torch.tensor([0.2, 0.0, 0.5, 0.3]).view(1, 4, 1, 1).expand(1, 4, 1, 40000)
-    idx = sample_exit_steps(probs, torch.Generator().manual_seed(8)).flatten()
+    idx = sample_exit_steps(probs, _uniforms(8, (1, 1, 40000))).flatten()
     freq = torch.bincount(idx, minlength=4).double() / idx.numel()
     assert freq[1] == 0
     expected = torch.tensor([0.2, 0.0, 0.5, 0.3], dtype=DT)
@@ -235,10 +239,10 @@ def test_full_loss_matches_token_by_token_reference():
     cfg = LoopRPTConfig(num_rollouts=G, hard_token_ratio=0.5, time_penalty=0.1,
                         time_penalty_scale=1.0, reward_scale=1.5, entropy_coef=0.1, kl_coef=0.2)
     loss_mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
-    loss, m = looprpt_loss(teacher, student, loss_mask, V, cfg, torch.Generator().manual_seed(3))
+    loss, m = looprpt_loss(teacher, student, loss_mask, V, cfg, _uniforms(3))
     rollout_gates = student.rollout_gate_logits.detach().transpose(0, 1)
     rollout_p = exit_distribution(rollout_gates).transpose(0, 1)
-    sampled = sample_exit_steps(rollout_p, torch.Generator().manual_seed(3))
+    sampled = sample_exit_steps(rollout_p, _uniforms(3))
     ref_sum, n_hard = _reference_loss(teacher, student, loss_mask, cfg, sampled)
     assert m["num_hard_tokens"].item() == n_hard == 4
     assert loss.item() == pytest.approx(ref_sum / n_hard, rel=1e-10)
@@ -251,7 +255,7 @@ def test_gradients_reach_student_only():
     teacher, student = _inputs(seed=12)
     cfg = LoopRPTConfig(num_rollouts=G, hard_token_ratio=0.5)
     loss, _ = looprpt_loss(teacher, student, torch.ones(B, S), V, cfg,
-                           torch.Generator().manual_seed(0))
+                           _uniforms(0))
     loss.backward()
     for t in (student.logp, student.gate_logits, student.rollout_gate_logits):
         assert t.grad is not None and t.grad.abs().sum() > 0
@@ -263,7 +267,7 @@ def test_policy_gradient_flows_only_through_rollout_gates():
     teacher, student = _inputs(seed=13)
     cfg = LoopRPTConfig(num_rollouts=G, pg_coef=1.0, model_coef=0.0, entropy_coef=0.0, kl_coef=0.0)
     loss, _ = looprpt_loss(teacher, student, torch.ones(B, S), V, cfg,
-                           torch.Generator().manual_seed(0))
+                           _uniforms(0))
     loss.backward()
     assert student.rollout_gate_logits.grad.abs().sum() > 0
     assert student.logp.grad.abs().sum() == 0 and student.gate_logits.grad.abs().sum() == 0
@@ -275,7 +279,7 @@ def test_loss_finite_metrics_and_normalizer_scaling():
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
 
     def run(normalizer):
-        return looprpt_loss(teacher, student, mask, V, cfg, torch.Generator().manual_seed(9),
+        return looprpt_loss(teacher, student, mask, V, cfg, _uniforms(9),
                             normalizer=normalizer)
 
     loss, m = run(None)
@@ -296,7 +300,7 @@ def test_rollout_count_must_match_config():
     teacher, student = _inputs()
     with pytest.raises(ValueError):
         looprpt_loss(teacher, student, torch.ones(B, S), V, LoopRPTConfig(num_rollouts=G + 1),
-                     torch.Generator())
+                     _uniforms(0))
 
 
 # ------------------------------------------------------------------------------------------ EMA

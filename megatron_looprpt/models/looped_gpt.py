@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import collections
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from megatron.core import tensor_parallel
@@ -47,6 +47,15 @@ class HeadRequest:
     hidden: bool = False
     logits: bool = False
     recompute: bool = True
+    # Loop steps (0-based) whose vocabulary head runs; None = every step. Gate logits are
+    # always computed. Inference that exits at a fixed step, and benchmarks that compare the
+    # looped block with an unshared stack, run the output layer once.
+    vocab_steps: Optional[tuple] = None
+    # Noisy latent rollouts (LoopRPT): called as rollout_noise(step, latent, seq_offset,
+    # seq_length) with the detached local latent [s_local, b, h] (this rank's slice starting at
+    # seq_offset of a sequence of seq_length), it returns G perturbed copies [G, s_local, b, h];
+    # the gate is recomputed on each.
+    rollout_noise: Optional[Callable] = None
 
 
 @dataclass
@@ -61,6 +70,8 @@ class StepOutput:
     hidden: Optional[torch.Tensor] = None
     # Vocab-parallel logits [b, s, V/tp]; only on request.
     logits: Optional[torch.Tensor] = None
+    # Gate logits recomputed on G noisy copies of the latent, [G, b, s].
+    rollout_gate_logits: Optional[torch.Tensor] = None
 
 
 @dataclass
@@ -204,10 +215,10 @@ class LoopedGPTModel(LanguageModule):
             hidden = self.final_layernorm(hidden)
             is_last_step = step == self.loop_steps - 1
             if loop_step is None or is_last_step:
-                output.steps.append(self._step_head(hidden, labels_sb, head))
+                output.steps.append(self._step_head(hidden, labels_sb, head, step))
             else:
                 twin = hidden.detach().requires_grad_(hidden.requires_grad)
-                self._deferred_steps[step].append(self._step_head(twin, labels_sb, head))
+                self._deferred_steps[step].append(self._step_head(twin, labels_sb, head, step))
                 hidden = _AddDeferredGrad.apply(hidden, twin) if hidden.requires_grad else hidden
         if not self.post_process or (loop_step is not None and loop_step != self.loop_steps - 1):
             return hidden
@@ -216,17 +227,17 @@ class LoopedGPTModel(LanguageModule):
             output.steps = deferred + output.steps
         return output
 
-    def _step_head(self, hidden, labels_sb, head: HeadRequest) -> StepOutput:
-        gate_logits = self.exit_gate(hidden)
-        if self.config.sequence_parallel:
-            gate_logits = gather_from_sequence_parallel_region(
-                gate_logits, tensor_parallel_output_grad=False
-            )
-        result = StepOutput(gate_logits=gate_logits.transpose(0, 1))
+    def _step_head(self, hidden, labels_sb, head: HeadRequest, step: int) -> StepOutput:
+        result = StepOutput(gate_logits=self._gate_full_sequence(hidden).transpose(0, 1))
+        if head.rollout_noise is not None:
+            # The policy is the exit gate: rollouts train it, not the latents they perturb.
+            offset, seq_length = self._sequence_slice(hidden)
+            noisy = head.rollout_noise(step, hidden.detach(), offset, seq_length)
+            result.rollout_gate_logits = self._gate_full_sequence(noisy).transpose(-1, -2)
         if head.hidden:
             result.hidden = hidden
         vocab_outputs = self._vocab_outputs(labels_sb, head)
-        if vocab_outputs:
+        if vocab_outputs and (head.vocab_steps is None or step in head.vocab_steps):
             if head.recompute and torch.is_grad_enabled() and hidden.requires_grad and not head.logits:
                 values = torch.utils.checkpoint.checkpoint(
                     self._vocab_head, hidden, labels_sb, vocab_outputs, use_reentrant=False
@@ -236,6 +247,26 @@ class LoopedGPTModel(LanguageModule):
             for name, value in zip(vocab_outputs, values):
                 setattr(result, name, value.transpose(0, 1))
         return result
+
+    def _gate_full_sequence(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Gate logits [..., s, b] over the whole sequence (gathered under SP)."""
+        gate_logits = self.exit_gate(hidden)
+        if not self.config.sequence_parallel:
+            return gate_logits
+        seq_dim = gate_logits.dim() - 2
+        if seq_dim:
+            gate_logits = gate_logits.movedim(seq_dim, 0)
+        gate_logits = gather_from_sequence_parallel_region(gate_logits, tensor_parallel_output_grad=False)
+        return gate_logits.movedim(0, seq_dim) if seq_dim else gate_logits
+
+    def _sequence_slice(self, hidden: torch.Tensor) -> tuple:
+        """(offset of this rank's first position, full sequence length): SP splits the sequence."""
+        if not self.config.sequence_parallel:
+            return 0, hidden.shape[0]
+        from megatron.core import parallel_state
+
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        return parallel_state.get_tensor_model_parallel_rank() * hidden.shape[0], tp * hidden.shape[0]
 
     @staticmethod
     def _vocab_outputs(labels_sb, head: HeadRequest) -> tuple:

@@ -137,19 +137,17 @@ def step_rewards(s_logp_detached: torch.Tensor, baseline: torch.Tensor, t_ref: t
     return (gain - lam * (steps - t_ref).to(gain.dtype)) * cfg.reward_scale
 
 
-def sample_exit_steps(rollout_p: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def sample_exit_steps(rollout_p: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     """[G, T, b, s] exit distributions -> [G, b, s] sampled 0-based steps (long).
 
-    Inverse-CDF sampling with one uniform per (g, b, s) drawn on the generator's own device, so
-    the result depends only on the generator state and the probabilities (not on the device of
-    the inputs or on other random draws). The CDF is accumulated in fp64 and the index clamped
-    to T - 1 in case rounding leaves it a hair below 1.
+    Inverse-CDF sampling with the caller's uniforms [G, b, s]: the caller draws them per
+    sequence from a generator keyed by the global sample index, so a sample does not depend on
+    how sequences are grouped into micro-batches or ranks. The CDF is accumulated in fp64 and
+    the index clamped to T - 1 in case rounding leaves it a hair below 1.
     """
     num_steps = rollout_p.shape[1]
     cdf = torch.cumsum(rollout_p.detach().double(), dim=1)
-    shape = (rollout_p.shape[0], *rollout_p.shape[2:])
-    u = torch.rand(shape, generator=generator, dtype=torch.float64, device=generator.device)
-    u = u.to(cdf.device).unsqueeze(1)
+    u = uniforms.to(device=cdf.device, dtype=torch.float64).unsqueeze(1)
     # First t with u < cdf_t: steps with p = 0 add an empty interval and are never picked.
     return (cdf <= u).sum(dim=1).clamp_max(num_steps - 1)
 
@@ -174,7 +172,7 @@ def k3_kl(t_logp: torch.Tensor, s_logp: torch.Tensor) -> torch.Tensor:
 
 
 def looprpt_loss(teacher: TeacherOutputs, student: StudentOutputs, loss_mask: torch.Tensor,
-                 vocab_size: int, cfg: LoopRPTConfig, generator: torch.Generator,
+                 vocab_size: int, cfg: LoopRPTConfig, uniforms: torch.Tensor,
                  normalizer: Optional[Union[float, torch.Tensor]] = None,
                  ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """LoopRPT loss of one micro-batch: (sum over hard tokens of the token loss) / normalizer.
@@ -211,7 +209,7 @@ def looprpt_loss(teacher: TeacherOutputs, student: StudentOutputs, loss_mask: to
     # Noisy latent rollouts -> policy gradient on the exit gate.
     rollout_log_p = exit_log_distribution(_f32(student.rollout_gate_logits).transpose(0, 1))
     rollout_log_p = rollout_log_p.transpose(0, 1)                                  # [G, T, b, s]
-    sampled = sample_exit_steps(rollout_log_p.detach().exp(), generator)           # [G, b, s]
+    sampled = sample_exit_steps(rollout_log_p.detach().exp(), uniforms)            # [G, b, s]
     log_pi = rollout_log_p.gather(1, sampled.unsqueeze(1)).squeeze(1)              # [G, b, s]
     rollout_rewards = rewards.gather(0, sampled)                                   # [G, b, s]
     advantages = grpo_advantages(rollout_rewards, cfg.eps)

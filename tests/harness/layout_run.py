@@ -20,6 +20,11 @@ from megatron_looprpt.training.setup import OptimConfig, build_model, build_opti
 from megatron_looprpt.training.step import make_forward_step, train_step
 from functools import partial
 
+from megatron_looprpt.rl.looprpt_loss import LoopRPTConfig
+from megatron_looprpt.rl.objective import RolloutConfig, looprpt_train_step, rl_record
+from megatron_looprpt.rl.teacher import EMATeacher
+from megatron_looprpt.training.step import reduce_metrics
+
 
 def sample(index: int, seq: int, vocab: int):
     g = torch.Generator().manual_seed(1000 + index)
@@ -39,6 +44,7 @@ def main():
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--global-batch", type=int, default=8)
     p.add_argument("--micro-batch", type=int, default=2)
+    p.add_argument("--rl", action="store_true", help="LoopRPT iterations instead of LM")
     p.add_argument("--out", required=True)
     a = p.parse_args()
     parallel.initialize(a.tp, a.pp, seed=7)
@@ -56,6 +62,9 @@ def main():
                         global_batch_size=a.global_batch, use_distributed_optimizer=a.dist_opt)
     optimizer, scheduler = build_optimizer(pm, cfg, optim)
     forward_step = make_forward_step(partial(lm_objective, cfg=ExitLossConfig(entropy_coef=0.05)))
+    if a.rl:
+        rl_cfg = LoopRPTConfig(num_rollouts=4, hard_token_ratio=0.5, kl_coef=0.01)
+        teacher = EMATeacher(cfg, pm, seed=11)
     per_rank = a.global_batch // dp
     records = []
     for step in range(a.steps):
@@ -64,12 +73,25 @@ def main():
         for m in range(per_rank // a.micro_batch):
             items = [sample(base + m * a.micro_batch + i, seq, vocab) for i in range(a.micro_batch)]
             tokens, labels, mask = (torch.stack(x) for x in zip(*items))
+            first = base + m * a.micro_batch
             batches.append({"tokens": tokens, "labels": labels, "loss_mask": mask,
-                            "position_ids": torch.arange(seq).expand(a.micro_batch, -1)})
-        metrics = train_step(pm, optimizer, scheduler, batches, forward_step, a.global_batch)
+                            "position_ids": torch.arange(seq).expand(a.micro_batch, -1),
+                            "sample_ids": torch.arange(first, first + a.micro_batch)})
+        if a.rl:
+            metrics = looprpt_train_step(pm, optimizer, scheduler, teacher, batches, rl_cfg, vocab,
+                                         RolloutConfig(noise_std=0.5, seed=5), a.global_batch, 0.9)
+        else:
+            metrics = train_step(pm, optimizer, scheduler, batches, forward_step, a.global_batch)
         n = metrics["num_tokens"].item()
-        records.append({"loss": metrics["lm_loss"].item() / n, "grad_norm": metrics["grad_norm"].item(),
-                        "step_ce": (metrics["step_ce"] / n).tolist(), "exit_step": metrics["exit_step"].item() / n})
+        record = {"loss": metrics["lm_loss"].item() / n, "grad_norm": metrics["grad_norm"].item(),
+                  "step_ce": (metrics["step_ce"] / n).tolist(), "exit_step": metrics["exit_step"].item() / n}
+        if a.rl:
+            record.update(rl_record(metrics))
+            # The teacher's weights, probed through its outputs on this global batch.
+            probe = teacher.run(batches)
+            sums = [{"probe": (out.logp * b["loss_mask"]).sum()} for out, b in zip(probe, batches)]
+            record["teacher_probe"] = reduce_metrics(sums)["probe"].item()
+        records.append(record)
     if dist.get_rank() == 0:
         with open(a.out, "w") as f:
             json.dump(records, f)

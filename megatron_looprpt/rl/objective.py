@@ -1,0 +1,100 @@
+"""LoopRPT as a per-micro-batch objective for megatron's pipeline schedules.
+
+The loss returned is the SUM over this micro-batch's hard tokens and the token count is the
+number of hard tokens, so megatron-core (calculate_per_token_loss) divides the gradient by the
+global hard-token count: every layout and micro-batching optimises the same average.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Deque
+
+import torch
+
+from megatron_looprpt.models.exit_gate import exit_distribution, expected_exit_step
+from megatron_looprpt.models.looped_gpt import HeadRequest, LoopedOutput
+from megatron_looprpt.rl.looprpt_loss import LoopRPTConfig, StudentOutputs, TeacherOutputs, looprpt_loss
+from megatron_looprpt.rl.rollouts import LatentNoise, exit_uniforms
+
+# Metric sums reported by the RL objective; the record divides them as named here.
+RL_SUMS_OVER_HARD = ("reward_mean", "pg_loss", "model_loss", "kl_loss", "entropy")
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    noise_std: float = 0.1
+    noise_type: str = "gaussian"
+    seed: int = 1234
+
+
+def looprpt_objective(batch, teacher: TeacherOutputs, cfg: LoopRPTConfig, vocab_size: int,
+                      rollout: RolloutConfig, output: LoopedOutput):
+    label_logprobs = output.stack("label_logprobs")
+    gate_logits = output.stack("gate_logits")
+    student = StudentOutputs(
+        logp=label_logprobs, gate_logits=gate_logits,
+        rollout_gate_logits=output.stack("rollout_gate_logits").transpose(0, 1),  # [G, T, b, s]
+    )
+    sample_ids = batch["sample_ids"].tolist()
+    uniforms = exit_uniforms(sample_ids, cfg.num_rollouts, label_logprobs.shape[-1], rollout.seed)
+    loss_sum, m = looprpt_loss(teacher, student, batch["loss_mask"], vocab_size, cfg,
+                               uniforms.to(label_logprobs.device), normalizer=1.0)
+    mask = batch["loss_mask"].to(label_logprobs.dtype)
+    with torch.no_grad():
+        p = exit_distribution(gate_logits)
+        metrics = {
+            "lm_loss": ((p * -label_logprobs).sum(0) * mask).sum(),
+            "step_ce": (-label_logprobs * mask).sum(dim=(1, 2)),
+            "exit_step": (expected_exit_step(p) * mask).sum(),
+            "num_tokens": mask.sum(),
+            "rl_hard_tokens": m["num_hard_tokens"],
+            "rl_teacher_t_ref": m["teacher_t_ref"] * m["num_valid_tokens"],
+            **{f"rl_{name}": m[name] for name in RL_SUMS_OVER_HARD},
+        }
+    return loss_sum, m["num_hard_tokens"].to(torch.int), metrics
+
+
+def make_looprpt_forward_step(teacher_outputs: Deque[TeacherOutputs], cfg: LoopRPTConfig,
+                              vocab_size: int, rollout: RolloutConfig):
+    """Student forward step; the loss of micro-batch m pairs with the teacher's m-th output
+    (loss functions run in micro-batch order on the last stage)."""
+
+    def forward_step(data_iterator, model):
+        batch = next(data_iterator)
+        head = HeadRequest(rollout_noise=LatentNoise(
+            tuple(batch["sample_ids"].tolist()), cfg.num_rollouts, rollout.noise_std,
+            rollout.noise_type, rollout.seed,
+        ))
+        output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"], head=head)
+
+        def loss(out):
+            return looprpt_objective(batch, teacher_outputs.popleft(), cfg, vocab_size, rollout, out)
+
+        return output, loss
+
+    return forward_step
+
+
+def rl_record(metrics) -> dict:
+    """Per-iteration RL fields for the log, from reduced metric sums."""
+    hard = metrics["rl_hard_tokens"].item()
+    valid = max(metrics["num_tokens"].item(), 1.0)
+    record = {name: metrics[f"rl_{name}"].item() / max(hard, 1.0) for name in RL_SUMS_OVER_HARD}
+    record["student_exit_step"] = metrics["exit_step"].item() / valid
+    record["teacher_t_ref"] = metrics["rl_teacher_t_ref"].item() / valid
+    record["hard_token_fraction"] = hard / valid
+    return record
+
+
+def looprpt_train_step(pm, optimizer, scheduler, teacher, batches, cfg: LoopRPTConfig,
+                       vocab_size: int, rollout: RolloutConfig, global_batch_size: int,
+                       ema_decay: float):
+    """Teacher pass, student forward/backward and optimizer step, then the EMA update."""
+    from megatron_looprpt.training.step import train_step
+
+    teacher_outputs = teacher.run(batches)
+    forward_step = make_looprpt_forward_step(teacher_outputs, cfg, vocab_size, rollout)
+    metrics = train_step(pm, optimizer, scheduler, batches, forward_step, global_batch_size)
+    teacher.update(pm, ema_decay)
+    return metrics
