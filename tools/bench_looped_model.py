@@ -92,7 +92,9 @@ def throughput(a) -> dict:
         out = looped(inputs, positions, None, labels=labels)
         stage1_token_loss(out.stack("label_logprobs"), out.stack("gate_logits"), 0.05).mean().backward()
 
-    last_step_only = HeadRequest(vocab_steps=(cfg.loop_steps - 1,))
+    # Like the unshared model: one vocabulary head and no head recomputation (a memory choice that
+    # has nothing to do with looping).
+    last_step_only = HeadRequest(vocab_steps=(cfg.loop_steps - 1,), recompute=False)
 
     def step_looped_block():
         # The looped block alone: the vocabulary head runs once, as in the unshared model.

@@ -28,6 +28,7 @@ class ExitLossConfig:
     stage: str = "stage1"
     improvement_sharpness: float = 50.0   # k
     improvement_margin: float = 0.005     # gamma
+    exit_threshold: float = 0.9           # q of Q-exit, for the steps-used metric
 
 
 def stage1_token_loss(label_logprobs: torch.Tensor, gate_logits: torch.Tensor,
@@ -47,6 +48,8 @@ def stage2_token_loss(label_logprobs: torch.Tensor, gate_logits: torch.Tensor,
     improvement = torch.clamp(ce[:-1] - ce[1:], min=0.0)          # I_t for t = 1..T-1
     target_continue = torch.sigmoid(cfg.improvement_sharpness * (improvement - cfg.improvement_margin))
     # lambda_t decides whether to stop after step t; continuing is right when step t+1 helps.
+    if gate_logits.shape[0] == 1:
+        return gate_logits[0] * 0.0  # one step: nothing to decide
     stop_logits = gate_logits[:-1]
     bce = F.binary_cross_entropy_with_logits(-stop_logits, target_continue, reduction="none")
     return bce.mean(dim=0)

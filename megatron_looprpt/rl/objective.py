@@ -12,7 +12,7 @@ from typing import Deque
 
 import torch
 
-from megatron_looprpt.models.exit_gate import exit_distribution, expected_exit_step
+from megatron_looprpt.models.exit_gate import exit_distribution, expected_exit_step, q_exit_steps
 from megatron_looprpt.models.looped_gpt import HeadRequest, LoopedOutput
 from megatron_looprpt.rl.looprpt_loss import LoopRPTConfig, StudentOutputs, TeacherOutputs, looprpt_loss
 from megatron_looprpt.rl.rollouts import LatentNoise, exit_uniforms
@@ -47,6 +47,7 @@ def looprpt_objective(batch, teacher: TeacherOutputs, cfg: LoopRPTConfig, vocab_
             "lm_loss": ((p * -label_logprobs).sum(0) * mask).sum(),
             "step_ce": (-label_logprobs * mask).sum(dim=(1, 2)),
             "exit_step": (expected_exit_step(p) * mask).sum(),
+            "qexit_steps": ((q_exit_steps(p, cfg.exit_threshold) + 1).to(mask.dtype) * mask).sum(),
             "num_tokens": mask.sum(),
             "rl_hard_tokens": m["num_hard_tokens"],
             "rl_teacher_t_ref": m["teacher_t_ref"] * m["num_valid_tokens"],

@@ -15,9 +15,10 @@ from dataclasses import dataclass
 import torch
 
 
-def _generator(seed: int, sample_id: int, purpose: str, step: int = 0) -> torch.Generator:
+def _generator(seed: int, sample_id: int, purpose: str, step: int = 0, device="cpu") -> torch.Generator:
+    """A generator on ``device`` (draws happen where the latents live: no host round trip)."""
     material = f"{seed}|{sample_id}|{purpose}|{step}".encode()
-    return torch.Generator().manual_seed(zlib.crc32(material))
+    return torch.Generator(device=device).manual_seed(zlib.crc32(material))
 
 
 @dataclass(frozen=True)
@@ -34,16 +35,16 @@ class LatentNoise:
         seq_local, _, hidden = latent.shape
         draws = []
         for sample_id in self.sample_ids:
-            generator = _generator(self.seed, sample_id, "latent", step)
+            generator = _generator(self.seed, sample_id, "latent", step, latent.device)
             # Always draw the whole sequence: the values at a position must not depend on how
             # much of the sequence this rank holds.
-            full_seq = seq_length
+            shape = (self.num_rollouts, seq_length, hidden)
             if self.kind == "gaussian":
-                noise = torch.randn(self.num_rollouts, full_seq, hidden, generator=generator)
+                noise = torch.randn(shape, generator=generator, device=latent.device)
             else:
-                noise = torch.rand(self.num_rollouts, full_seq, hidden, generator=generator)
+                noise = torch.rand(shape, generator=generator, device=latent.device)
             draws.append(noise[:, seq_offset:seq_offset + seq_local])
-        noise = torch.stack(draws, dim=2).to(device=latent.device, dtype=latent.dtype)  # [G, s, b, h]
+        noise = torch.stack(draws, dim=2).to(latent.dtype)  # [G, s, b, h]
         if self.kind == "gaussian":
             return latent.unsqueeze(0) + self.std * noise
         keep = (noise >= self.std).to(latent.dtype) / (1.0 - self.std)

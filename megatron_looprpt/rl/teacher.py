@@ -5,18 +5,22 @@ its student shard and the update teacher = decay * teacher + (1 - decay) * stude
 no communication. It runs through the same megatron pipeline schedules (forward only) and
 hands its per-step outputs to the student's loss, micro-batch by micro-batch, on the last stage.
 
-The EMA is kept in fp32 (a bf16 teacher cannot absorb (1 - decay)-sized increments); with bf16
-training the fp32 EMA lives beside the bf16 compute copy that the forward pass reads.
+The EMA is kept in fp32: a bf16 teacher could not absorb (1 - decay)-sized increments. In fp32
+runs the teacher's own weights are the EMA; in bf16 runs an fp32 copy of the stage (``store``,
+never run) holds it and the bf16 compute weights are refreshed from it after each update. The
+store is a real module, so the teacher checkpoints through ``sharded_state_dict`` like the
+student and reshards with it.
 """
 
 from __future__ import annotations
 
 import collections
-from typing import Deque, List
+import dataclasses
+from typing import Deque
 
 import torch
 
-from megatron_looprpt.models.builder import LoopedModelConfig
+from megatron_looprpt.models.builder import LoopedModelConfig, build_stage
 from megatron_looprpt.models.looped_gpt import HeadRequest
 from megatron_looprpt.rl.ema import copy_params_, ema_update_
 from megatron_looprpt.rl.looprpt_loss import TeacherOutputs
@@ -28,28 +32,36 @@ _TEACHER_HEAD = HeadRequest(label_logprobs=True, entropy=True, recompute=False)
 class EMATeacher:
     def __init__(self, cfg: LoopedModelConfig, student, seed: int):
         self.pm = build_model(cfg, seed=seed, wrap_ddp=False)
-        self.params: List[torch.nn.Parameter] = list(self.pm.model.parameters())
+        self.params = list(self.pm.model.parameters())
         for param in self.params:
             param.requires_grad_(False)
-        student_params = list(student.model.parameters())
-        self.fp32_params = all(p.dtype == torch.float32 for p in self.params)
-        if self.fp32_params:
-            # The teacher's own weights are the EMA state: no second copy.
-            copy_params_(self.params, [p.detach() for p in student_params])
-            self.ema = self.params
+        if all(p.dtype == torch.float32 for p in self.params):
+            self.store = self.pm.model
         else:
-            self.ema = [p.detach().float().clone() for p in student_params]
-            self._publish()
+            self.store = build_stage(dataclasses.replace(cfg, bf16=False, fp8_format=None))
+            self.store.requires_grad_(False)
+        self.ema = list(self.store.parameters())
+        self.reset_to(student)
 
     @torch.no_grad()
-    def _publish(self) -> None:
-        if not self.fp32_params:
+    def reset_to(self, student) -> None:
+        """Teacher = student (the start of a LoopRPT run)."""
+        copy_params_(self.ema, [p.detach().float() for p in student.model.parameters()])
+        self.publish()
+
+    @torch.no_grad()
+    def publish(self) -> None:
+        """Refresh the compute weights from the EMA state (after an update or a load)."""
+        if self.store is not self.pm.model:
             copy_params_(self.params, [e.to(p.dtype) for e, p in zip(self.ema, self.params)])
 
     @torch.no_grad()
     def update(self, student, decay: float) -> None:
         ema_update_(self.ema, [p.detach().float() for p in student.model.parameters()], decay)
-        self._publish()
+        self.publish()
+
+    def sharded_state_dict(self, prefix: str = "teacher."):
+        return self.store.sharded_state_dict(prefix=prefix)
 
     @torch.no_grad()
     def run(self, batches) -> Deque[TeacherOutputs]:

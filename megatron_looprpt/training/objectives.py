@@ -12,7 +12,7 @@ from typing import Dict
 
 import torch
 
-from megatron_looprpt.models.exit_gate import exit_distribution, expected_exit_step
+from megatron_looprpt.models.exit_gate import exit_distribution, expected_exit_step, q_exit_steps
 from megatron_looprpt.models.loss import ExitLossConfig, token_loss
 from megatron_looprpt.models.looped_gpt import LoopedOutput
 
@@ -30,6 +30,8 @@ def lm_objective(batch: Dict[str, torch.Tensor], output: LoopedOutput, cfg: Exit
             "lm_loss": loss_sum.detach().clone(),
             "step_ce": (-label_logprobs * mask).sum(dim=(1, 2)),
             "exit_step": (expected_exit_step(exit_probs) * mask).sum(),
+            # Loop steps a token uses at inference with Q-exit at the configured threshold.
+            "qexit_steps": ((q_exit_steps(exit_probs, cfg.exit_threshold) + 1).to(mask.dtype) * mask).sum(),
             "num_tokens": mask.sum(),
         }
     return loss_sum, num_tokens, metrics

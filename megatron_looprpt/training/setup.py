@@ -30,12 +30,17 @@ class OptimConfig:
 
 
 def build_model(cfg: LoopedModelConfig, seed: int, wrap_ddp: bool = True,
-                use_distributed_optimizer: bool = False) -> PipelinedModel:
+                use_distributed_optimizer: bool = False, train_gate_only: bool = False) -> PipelinedModel:
+    """``train_gate_only``: Ouro's stage 2 freezes the language model and trains the exit gate;
+    frozen parameters get no gradient buffer and no optimizer state (so no weight decay)."""
     config = transformer_config(cfg)
     config.calculate_per_token_loss = True
     model = build_stage(cfg, config)
     init_weights(model, seed=seed, std=cfg.init_method_std,
                  effective_depth=cfg.num_layers * cfg.loop_steps)
+    if train_gate_only:
+        for name, param in model.named_parameters():
+            param.requires_grad_(name.startswith("exit_gate."))
     stage = model
     if wrap_ddp:
         ddp_config = DistributedDataParallelConfig(

@@ -1,0 +1,134 @@
+"""Benchmark: a LoopRPT iteration against an LM-only iteration on the same batch, and the
+teacher's memory per rank.
+
+Both iterations run the full megatron path (pipeline schedule, DDP, optimizer step); the
+LoopRPT one adds the EMA teacher's forward pass, the rollouts (gate re-evaluated on G noisy
+latents of the student's single forward pass) and the EMA update. They alternate over repeated
+trials in one process and the medians are compared. The floor is the LM iteration plus one
+teacher forward pass (no backward, no head recomputation).
+
+    python tools/bench_looprpt.py [--loop-steps 4 --rl-num-rollouts 8 ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from functools import partial
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def parse():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--num-layers", type=int, default=2)
+    p.add_argument("--hidden-size", type=int, default=256)
+    p.add_argument("--num-attention-heads", type=int, default=8)
+    p.add_argument("--ffn-hidden-size", type=int, default=704)
+    p.add_argument("--vocab-size", type=int, default=4096)
+    p.add_argument("--seq-length", type=int, default=256)
+    p.add_argument("--micro-batch-size", type=int, default=4)
+    p.add_argument("--num-microbatches", type=int, default=2)
+    p.add_argument("--loop-steps", type=int, default=4)
+    p.add_argument("--rl-num-rollouts", type=int, default=8)
+    p.add_argument("--bf16", action="store_true")
+    p.add_argument("--trials", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--out", default=None)
+    return p.parse_args()
+
+
+def main():
+    a = parse()
+    import torch
+
+    from megatron_looprpt import parallel
+    from megatron_looprpt.models.builder import LoopedModelConfig
+    from megatron_looprpt.models.loss import ExitLossConfig
+    from megatron_looprpt.rl.looprpt_loss import LoopRPTConfig
+    from megatron_looprpt.rl.objective import RolloutConfig, looprpt_train_step
+    from megatron_looprpt.rl.teacher import EMATeacher
+    from megatron_looprpt.training.objectives import lm_objective
+    from megatron_looprpt.training.setup import OptimConfig, build_model, build_optimizer
+    from megatron_looprpt.training.step import make_forward_step, train_step
+
+    device = parallel.initialize(1, 1, seed=1)
+    cfg = LoopedModelConfig(
+        num_layers=a.num_layers, hidden_size=a.hidden_size, num_attention_heads=a.num_attention_heads,
+        ffn_hidden_size=a.ffn_hidden_size, vocab_size=a.vocab_size, max_position_embeddings=a.seq_length,
+        loop_steps=a.loop_steps, bf16=a.bf16,
+    )
+    global_batch = a.micro_batch_size * a.num_microbatches
+    pm = build_model(cfg, seed=1)
+    optimizer, scheduler = build_optimizer(pm, cfg, OptimConfig(global_batch_size=global_batch))
+    teacher = EMATeacher(cfg, pm, seed=1)
+    rl_cfg = LoopRPTConfig(num_rollouts=a.rl_num_rollouts)
+    lm_forward = make_forward_step(partial(lm_objective, cfg=ExitLossConfig()))
+
+    generator = torch.Generator().manual_seed(0)
+    batches = []
+    for m in range(a.num_microbatches):
+        tokens = torch.randint(0, a.vocab_size, (a.micro_batch_size, a.seq_length + 1), generator=generator)
+        batches.append({
+            "tokens": tokens[:, :-1].to(device), "labels": tokens[:, 1:].to(device),
+            "loss_mask": torch.ones(a.micro_batch_size, a.seq_length, device=device),
+            "position_ids": torch.arange(a.seq_length, device=device).expand(a.micro_batch_size, -1),
+            "sample_ids": torch.arange(m * a.micro_batch_size, (m + 1) * a.micro_batch_size),
+        })
+
+    def lm_iteration():
+        train_step(pm, optimizer, scheduler, batches, lm_forward, global_batch)
+
+    def rl_iteration():
+        looprpt_train_step(pm, optimizer, scheduler, teacher, batches, rl_cfg, a.vocab_size,
+                           RolloutConfig(), global_batch, 0.995)
+
+    def timed(fn):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    for _ in range(a.warmup):
+        lm_iteration()
+        rl_iteration()
+    lm_times, rl_times = [], []
+    for _ in range(a.trials):
+        lm_times.append(timed(lm_iteration))
+        rl_times.append(timed(rl_iteration))
+
+    def nbytes(tensors):
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    student_param_bytes = nbytes(pm.model.parameters())
+    teacher_bytes = nbytes(teacher.params) + (0 if teacher.store is teacher.pm.model else nbytes(teacher.ema))
+    result = {
+        "device": str(device),
+        "lm_iteration_s": statistics.median(lm_times),
+        "looprpt_iteration_s": statistics.median(rl_times),
+        "ratio": statistics.median(rl_times) / statistics.median(lm_times),
+        "teacher_bytes_per_rank": teacher_bytes,
+        "student_param_bytes_per_rank": student_param_bytes,
+        "rollouts": a.rl_num_rollouts,
+        "loop_steps": a.loop_steps,
+    }
+    print(json.dumps(result, indent=2))
+    print(f"LoopRPT / LM iteration time = {result['ratio']:.3f} (target <= 1.5); "
+          f"teacher memory per rank {teacher_bytes / 2**20:.2f} MiB "
+          f"({teacher_bytes / student_param_bytes:.2f}x the student's parameters)")
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(result, f, indent=2)
+    parallel.destroy()
+
+
+if __name__ == "__main__":
+    main()
