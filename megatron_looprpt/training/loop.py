@@ -1,0 +1,265 @@
+"""The pre-training loop behind pretrain_looprpt.py."""
+
+from __future__ import annotations
+
+import math
+import time
+from functools import partial
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from megatron_looprpt import parallel
+from megatron_looprpt.arguments import ConfigError, check_checkpoint_shape
+from megatron_looprpt.data.datasets import build_data_iterator, build_datasets
+from megatron_looprpt.data.tokenizers import build_tokenizer
+from megatron_looprpt.models.builder import LoopedModelConfig
+from megatron_looprpt.models.loss import ExitLossConfig
+from megatron_looprpt.rl.looprpt_loss import LoopRPTConfig
+from megatron_looprpt.rl.objective import RolloutConfig, looprpt_train_step, rl_record
+from megatron_looprpt.rl.teacher import EMATeacher
+from megatron_looprpt.training import checkpointing
+from megatron_looprpt.training.flops import FlopShape, peak_tflops, training_flops
+from megatron_looprpt.training.logger import RunLogger
+from megatron_looprpt.training.objectives import lm_objective
+from megatron_looprpt.training.setup import OptimConfig, build_model, build_optimizer
+from megatron_looprpt.training.step import eval_step, make_forward_step, train_step
+
+
+def model_config(args, vocab_size: int) -> LoopedModelConfig:
+    return LoopedModelConfig(
+        num_layers=args.num_layers,
+        hidden_size=args.hidden_size,
+        num_attention_heads=args.num_attention_heads,
+        num_query_groups=args.num_query_groups,
+        ffn_hidden_size=args.ffn_hidden_size,
+        vocab_size=vocab_size,
+        max_position_embeddings=args.max_position_embeddings,
+        loop_steps=args.loop_steps,
+        rotary_base=args.rotary_base,
+        norm_epsilon=args.norm_epsilon,
+        untie_embeddings_and_output_weights=args.untie_embeddings_and_output_weights,
+        init_method_std=args.init_method_std,
+        attention_dropout=args.attention_dropout,
+        hidden_dropout=args.hidden_dropout,
+        transformer_impl=args.transformer_impl,
+        bf16=args.bf16,
+        fp8_format=args.fp8_format,
+        tensor_parallel=args.tensor_model_parallel_size,
+        pipeline_parallel=args.pipeline_model_parallel_size,
+        sequence_parallel=args.sequence_parallel,
+        make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
+    )
+
+
+def optim_config(args) -> OptimConfig:
+    return OptimConfig(
+        lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
+        adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps,
+        clip_grad=args.clip_grad, use_distributed_optimizer=args.use_distributed_optimizer,
+        lr_warmup_iters=args.lr_warmup_iters, lr_decay_iters=args.lr_decay_iters,
+        lr_decay_style=args.lr_decay_style, global_batch_size=args.global_batch_size,
+    )
+
+
+def _check_load_before_building(args) -> None:
+    """A checkpoint of another model shape is refused before any model is built (and before
+    process groups start)."""
+    if not args.load:
+        return
+    saved = checkpointing.read_checkpoint_args(args.load)
+    if saved is None:
+        if args.exit_on_missing_checkpoint:
+            raise ConfigError(f"--load {args.load}: no checkpoint found there "
+                              "(drop --exit-on-missing-checkpoint to start from scratch)")
+        return
+    check_checkpoint_shape(args, saved)
+
+
+class _Batches:
+    """Micro-batches of successive global batches for this data-parallel rank."""
+
+    def __init__(self, dataset, args, consumed_samples: int):
+        self.iterator = build_data_iterator(
+            dataset, args.micro_batch_size, parallel_state.get_data_parallel_rank(),
+            parallel_state.get_data_parallel_world_size(), consumed_samples,
+        )
+        self.num_microbatches = args.num_microbatches
+
+    def next_global_batch(self):
+        return [next(self.iterator) for _ in range(self.num_microbatches)]
+
+
+class LoopRPTRun:
+    """The LoopRPT state of a run: the EMA teacher and the algorithm's settings."""
+
+    def __init__(self, args, cfg: LoopedModelConfig, pm, vocab_size: int):
+        self.args, self.pm, self.vocab_size = args, pm, vocab_size
+        self.teacher = EMATeacher(cfg, pm, seed=args.seed)
+        self.cfg = LoopRPTConfig(
+            exit_threshold=args.exit_threshold, hard_token_ratio=args.rl_hard_token_ratio,
+            num_rollouts=args.rl_num_rollouts, reward_scale=args.rl_reward_scale,
+            time_penalty=args.rl_time_penalty, time_penalty_scale=args.rl_time_penalty_scale,
+            pg_coef=args.rl_pg_coef, model_coef=args.rl_model_coef,
+            entropy_coef=args.rl_entropy_coef, kl_coef=args.rl_kl_coef,
+        )
+        self.rollout = RolloutConfig(noise_std=args.rl_latent_noise_std, noise_type=args.rl_noise_type,
+                                     seed=args.seed)
+
+    def step(self, optimizer, scheduler, batches):
+        return looprpt_train_step(self.pm, optimizer, scheduler, self.teacher, batches, self.cfg,
+                                  self.vocab_size, self.rollout, self.args.global_batch_size,
+                                  self.args.rl_ema_decay)
+
+
+def pretrain(args) -> dict:
+    """Train according to ``args`` (already parsed and validated); returns a summary."""
+    tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_size)
+    cfg = model_config(args, tokenizer.vocab_size)
+    args.padded_vocab_size = cfg.padded_vocab_size
+    _check_load_before_building(args)
+    parallel.initialize(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.seed)
+    logger = RunLogger(
+        args.log_interval, args.train_iters, json_path=args.log_json,
+        tensorboard_dir=args.tensorboard_dir, wandb_project=args.wandb_project,
+        wandb_name=args.wandb_exp_name, wandb_dir=args.wandb_save_dir,
+        progress_bar=not args.no_progress_bar, config=vars(args),
+    )
+    pm = build_model(cfg, seed=args.seed, use_distributed_optimizer=args.use_distributed_optimizer,
+                     train_gate_only=args.exit_gate_training == "stage2")
+    optimizer, scheduler = build_optimizer(pm, cfg, optim_config(args))
+    logger.info(_describe(pm, cfg, args))
+
+    rl = LoopRPTRun(args, cfg, pm, tokenizer.vocab_size) if args.rl_algo == "looprpt" else None
+    extra_models = {"teacher": rl.teacher.store} if rl is not None else {}
+    iteration, consumed_samples = 0, 0
+    if args.load:
+        loaded = checkpointing.load_checkpoint(
+            args.load, pm, optimizer, scheduler,
+            load_optim=not (args.no_load_optim or args.finetune),
+            load_rng=not (args.no_load_rng or args.finetune),
+            extra_models=extra_models,
+        )
+        if loaded is not None and not args.finetune:
+            iteration = loaded.iteration
+            consumed_samples = loaded.state.get("consumed_samples", 0)
+        if loaded is not None:
+            logger.info(f" loaded checkpoint from {args.load} at iteration {loaded.iteration}")
+        if rl is not None:
+            # A LoopRPT checkpoint carries its teacher; from a stage-1 (or converted) checkpoint
+            # the teacher starts as the student.
+            if loaded is not None and "teacher" in loaded.extra_models:
+                rl.teacher.publish()
+            else:
+                rl.teacher.reset_to(pm)
+
+    train_ds, valid_ds, _ = build_datasets(
+        args.data_path, args.split, args.seq_length, args.seed, tokenizer,
+        num_samples=(args.train_iters * args.global_batch_size,
+                     max(1, (args.train_iters // max(args.eval_interval, 1) + 1) * args.eval_iters
+                         * args.global_batch_size),
+                     1),
+        mock=args.mock_data,
+    )
+    train_batches = _Batches(train_ds, args, consumed_samples)
+    exit_cfg = ExitLossConfig(entropy_coef=args.exit_entropy_coef, stage=args.exit_gate_training,
+                              exit_threshold=args.exit_threshold)
+    forward_step = make_forward_step(partial(lm_objective, cfg=exit_cfg))
+    flop_shape = FlopShape(cfg.num_layers, cfg.hidden_size, cfg.num_attention_heads,
+                           cfg.num_query_groups or cfg.num_attention_heads,
+                           cfg.ffn_hidden_size or 4 * cfg.hidden_size, cfg.padded_vocab_size,
+                           args.seq_length, cfg.loop_steps)
+    peak = peak_tflops("fp8" if args.fp8_format else "bf16")
+    tokens_per_iteration = args.global_batch_size * args.seq_length
+
+    def save(at_iteration: int) -> None:
+        if args.save:
+            checkpointing.save_checkpoint(
+                args.save, at_iteration, pm, optimizer, scheduler,
+                state={"consumed_samples": consumed_samples}, args=vars(args), keep=args.ckpt_keep,
+                extra_models=extra_models,
+            )
+            logger.info(f" saved checkpoint at iteration {at_iteration} to {args.save}")
+
+    last = {}
+    with checkpointing.SigtermHandler() as signals:
+        while iteration < args.train_iters:
+            start = time.time()
+            batches = train_batches.next_global_batch()
+            if rl is None:
+                metrics = train_step(pm, optimizer, scheduler, batches, forward_step, args.global_batch_size)
+            else:
+                metrics = rl.step(optimizer, scheduler, batches)
+            elapsed = time.time() - start
+            iteration += 1
+            consumed_samples += args.global_batch_size
+            flops = training_flops(flop_shape, tokens_per_iteration, extra_forward_passes=int(rl is not None))
+            tflops = flops / elapsed / 1e12 / dist.get_world_size()
+            last = _record(iteration, metrics, elapsed, tokens_per_iteration, tflops, peak)
+            if rl is not None:
+                last.update(rl_record(metrics))
+            logger.iteration(last)
+            if not math.isfinite(last["lm_loss"]):
+                logger.info(f" loss is {last['lm_loss']} at iteration {iteration}; stopping "
+                            "(the last checkpoint is left as it was)")
+                raise FloatingPointError(f"non-finite loss at iteration {iteration}")
+            if args.eval_interval and valid_ds is not None and iteration % args.eval_interval == 0:
+                logger.evaluation(iteration, evaluate(pm, valid_ds, args, forward_step))
+            if args.save_interval and iteration % args.save_interval == 0:
+                save(iteration)
+            if signals.received():
+                logger.info(f" termination signal received: saving at iteration {iteration} and exiting")
+                if not (args.save_interval and iteration % args.save_interval == 0):
+                    save(iteration)
+                break
+    if args.save and iteration == args.train_iters and not (
+        args.save_interval and iteration % args.save_interval == 0
+    ):
+        save(iteration)
+    logger.close()
+    return {"iteration": iteration, "consumed_samples": consumed_samples, **last}
+
+
+def evaluate(pm, valid_ds, args, forward_step) -> dict:
+    batches = _Batches(valid_ds, args, consumed_samples=0)
+    totals = {}
+    for _ in range(args.eval_iters):
+        for name, value in eval_step(pm, batches.next_global_batch(), forward_step).items():
+            totals[name] = totals.get(name, 0) + value
+    tokens = max(totals["num_tokens"].item(), 1.0)
+    lm_loss = totals["lm_loss"].item() / tokens
+    return {
+        "lm_loss": lm_loss,
+        "ppl": math.exp(min(lm_loss, 50.0)),
+        "step_loss": (totals["step_ce"] / tokens).tolist(),
+        "exit_step": totals["exit_step"].item() / tokens,
+        "qexit_steps": totals["qexit_steps"].item() / tokens,
+    }
+
+
+def _record(iteration, metrics, elapsed, tokens, tflops, peak) -> dict:
+    n = max(metrics["num_tokens"].item(), 1.0)
+    record = {
+        "iteration": iteration,
+        "lm_loss": metrics["lm_loss"].item() / n,
+        "step_loss": (metrics["step_ce"] / n).tolist(),
+        "exit_step": metrics["exit_step"].item() / n,
+        "qexit_steps": metrics["qexit_steps"].item() / n,
+        "grad_norm": metrics["grad_norm"].item(),
+        "lr": metrics["lr"].item(),
+        "tokens_per_sec": tokens / elapsed,
+        "tflops_per_device": tflops,
+        "mfu": tflops / peak if peak else None,
+        "iteration_time": elapsed,
+    }
+    return record
+
+
+def _describe(pm, cfg: LoopedModelConfig, args) -> str:
+    local = sum(p.numel() for p in pm.model.parameters())
+    return (f" looped model: {cfg.num_layers} shared layers x {cfg.loop_steps} loop steps, hidden "
+            f"{cfg.hidden_size}, vocab {cfg.padded_vocab_size} (padded) | {local / 1e6:.2f}M parameters "
+            f"on this rank | TP={cfg.tensor_parallel} PP={cfg.pipeline_parallel} "
+            f"DP={parallel_state.get_data_parallel_world_size()} SP={cfg.sequence_parallel} | "
+            f"{args.num_microbatches} micro-batches of {args.micro_batch_size} per step")

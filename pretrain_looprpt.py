@@ -1,0 +1,46 @@
+"""Pre-train a looped language model (and run LoopRPT) on megatron-core.
+
+    torchrun --nproc-per-node 8 pretrain_looprpt.py --model-size ouro-1.4b --data-path ... [flags]
+    python pretrain_looprpt.py            # no arguments: the CPU quickstart (see README)
+
+Run ``python pretrain_looprpt.py --help`` for every flag.
+"""
+
+import os
+import sys
+import warnings
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+# megatron-core warns at import about every optional GPU extra it does not find; on a CPU run
+# (or without apex, which nothing here needs) that is noise, not news.
+for message in (".*Transformer Engine and Apex are not installed.*", ".*Apex is not installed.*",
+                ".*full scope is deprecated.*"):
+    warnings.filterwarnings("ignore", message=message)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    from megatron_looprpt.arguments import ConfigError, parse_args
+
+    try:
+        if not argv:
+            from megatron_looprpt.quickstart import run_quickstart
+
+            run_quickstart()
+        else:
+            args = parse_args(argv)
+            from megatron_looprpt.training.loop import pretrain
+
+            pretrain(args)
+    except (ConfigError, FileNotFoundError) as error:
+        print(f"pretrain_looprpt.py: error: {error}", file=sys.stderr)
+        return 2
+    finally:
+        if "megatron_looprpt.parallel" in sys.modules:
+            sys.modules["megatron_looprpt.parallel"].destroy()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
