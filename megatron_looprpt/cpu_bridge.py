@@ -185,9 +185,26 @@ def _patch_rng():
     random._set_cuda_rng_state = set_state
 
 
+_LAZILY_IMPORTED = (
+    # dist_checkpointing imports its save/load strategies on first use.
+    "megatron.core.dist_checkpointing.strategies.async_utils",
+    "megatron.core.dist_checkpointing.strategies.filesystem_async",
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver",
+    "megatron.core.dist_checkpointing.strategies.torch",
+    "megatron.core.dist_checkpointing.strategies.fully_parallel",
+    "megatron.core.dist_checkpointing.strategies.cached_metadata_filesystem_reader",
+    "megatron.core.dist_checkpointing.exchange_utils",
+    "megatron.core.dist_checkpointing.tensor_aware_state_dict",
+)
+
+
 def _import_megatron_modules():
     # Import everything the framework touches before swapping module globals, so no module that
     # is loaded later escapes the stand-in.
+    import importlib
+
+    for name in _LAZILY_IMPORTED:
+        importlib.import_module(name)
     import megatron.core.dist_checkpointing  # noqa: F401
     import megatron.core.distributed  # noqa: F401
     import megatron.core.distributed.finalize_model_grads  # noqa: F401

@@ -81,16 +81,12 @@ def _prepare_megatron() -> None:
       ``filesystem_async._process_memory()`` (debug logging only) *outside* its error handling:
       without psutil that raises in the child, the parent waits forever on the work queue and
       the save hangs. Without psutil, report 0 bytes instead.
-    * On a CPU run, the strategy modules megatron-core imports lazily (after
-      ``cpu_bridge.install()`` ran) must see the CPU stand-in for ``torch`` too
-      (``torch.cuda.synchronize()`` in the writer).
     * The writer hands its results back through a queue of a *spawned* multiprocessing Manager,
       created on the first save of a process: a fresh interpreter that re-imports the main
       module (seconds) and is torn down at exit (seconds more). Our saves are synchronous, so
       the writer puts and gets the results in this very process: a plain ``queue.Queue`` does.
       (An async save through megatron-core in the same process would need the Manager queue.)
     """
-    import importlib
     import queue
 
     from megatron.core.dist_checkpointing.strategies import filesystem_async
@@ -99,25 +95,6 @@ def _prepare_megatron() -> None:
         filesystem_async._process_memory = lambda: 0
     if getattr(filesystem_async, "_results_queue", 0) is None:
         filesystem_async._results_queue = queue.Queue()
-    from megatron_looprpt import cpu_bridge
-
-    if not cpu_bridge.is_installed():
-        return
-    for name in _LAZY_STRATEGY_MODULES:
-        importlib.import_module(name)
-    cpu_bridge.install()
-
-
-_LAZY_STRATEGY_MODULES = (
-    "megatron.core.dist_checkpointing.strategies.async_utils",
-    "megatron.core.dist_checkpointing.strategies.filesystem_async",
-    "megatron.core.dist_checkpointing.strategies.state_dict_saver",
-    "megatron.core.dist_checkpointing.strategies.torch",
-    "megatron.core.dist_checkpointing.strategies.fully_parallel",
-    "megatron.core.dist_checkpointing.strategies.cached_metadata_filesystem_reader",
-    "megatron.core.dist_checkpointing.exchange_utils",
-    "megatron.core.dist_checkpointing.tensor_aware_state_dict",
-)
 
 
 try:  # torch.distributed.checkpoint's error derives from BaseException, not Exception
