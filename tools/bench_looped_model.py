@@ -22,25 +22,17 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from bench_common import add_shape_args, timed  # noqa: E402
 
 
 def parse():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--num-layers", type=int, default=2)
-    p.add_argument("--hidden-size", type=int, default=256)
-    p.add_argument("--num-attention-heads", type=int, default=8)
-    p.add_argument("--ffn-hidden-size", type=int, default=704)
-    p.add_argument("--vocab-size", type=int, default=4096)
-    p.add_argument("--seq-length", type=int, default=256)
-    p.add_argument("--micro-batch-size", type=int, default=4)
-    p.add_argument("--loop-steps", type=int, default=4)
-    p.add_argument("--trials", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--bf16", action="store_true")
+    add_shape_args(p)
     p.add_argument("--memory", action="store_true", help="measure memory per rank instead")
     p.add_argument("--layouts", nargs="*", default=["1x1", "2x1", "1x2", "2x2"])
     p.add_argument("--memory-worker", action="store_true", help=argparse.SUPPRESS)
@@ -104,24 +96,15 @@ def throughput(a) -> dict:
     def step_unshared():
         unshared(inputs, positions, None, labels=labels).float().mean().backward()
 
-    def timed(fn):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - start
-
     for _ in range(a.warmup):
         step_looped()
         step_looped_block()
         step_unshared()
     looped_times, block_times, unshared_times = [], [], []
     for _ in range(a.trials):
-        looped_times.append(timed(step_looped))
-        block_times.append(timed(step_looped_block))
-        unshared_times.append(timed(step_unshared))
+        looped_times.append(timed(step_looped, device))
+        block_times.append(timed(step_looped_block, device))
+        unshared_times.append(timed(step_unshared, device))
     tokens_per_step = a.micro_batch_size * a.seq_length
     looped_tps = tokens_per_step / statistics.median(looped_times)
     block_tps = tokens_per_step / statistics.median(block_times)

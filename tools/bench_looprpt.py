@@ -17,28 +17,20 @@ import json
 import os
 import statistics
 import sys
-import time
 from functools import partial
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from bench_common import add_shape_args, timed  # noqa: E402
 
 
 def parse():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--num-layers", type=int, default=2)
-    p.add_argument("--hidden-size", type=int, default=256)
-    p.add_argument("--num-attention-heads", type=int, default=8)
-    p.add_argument("--ffn-hidden-size", type=int, default=704)
-    p.add_argument("--vocab-size", type=int, default=4096)
-    p.add_argument("--seq-length", type=int, default=256)
-    p.add_argument("--micro-batch-size", type=int, default=4)
+    add_shape_args(p)
     p.add_argument("--num-microbatches", type=int, default=2)
-    p.add_argument("--loop-steps", type=int, default=4)
     p.add_argument("--rl-num-rollouts", type=int, default=8)
-    p.add_argument("--bf16", action="store_true")
-    p.add_argument("--trials", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--out", default=None)
     return p.parse_args()
 
@@ -88,22 +80,13 @@ def main():
         looprpt_train_step(pm, optimizer, scheduler, teacher, batches, rl_cfg, a.vocab_size,
                            RolloutConfig(), global_batch, 0.995)
 
-    def timed(fn):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - start
-
     for _ in range(a.warmup):
         lm_iteration()
         rl_iteration()
     lm_times, rl_times = [], []
     for _ in range(a.trials):
-        lm_times.append(timed(lm_iteration))
-        rl_times.append(timed(rl_iteration))
+        lm_times.append(timed(lm_iteration, device))
+        rl_times.append(timed(rl_iteration, device))
 
     def nbytes(tensors):
         return sum(t.numel() * t.element_size() for t in tensors)
