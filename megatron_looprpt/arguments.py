@@ -1,24 +1,47 @@
 """Command-line arguments of pretrain_looprpt.py: Megatron-LM names, presets, validation.
 
-Validation runs before anything is built and raises ConfigError with one line that names the
-flag and what would fix it.
+``parse_args`` = parse, fill the shape from ``--model-size`` (``apply_preset``), then check
+everything that can be checked before anything is built and fill the derived values
+(``validate_args``). A bad configuration raises ``ConfigError`` with one line that names the
+flag and what would fix it. Only the standard library is imported here, so an invalid command
+line fails in well under a second, before torch or megatron-core load.
+
+Choices where Megatron-LM's behaviour is not copied:
+- Without ``--model-size`` and without any architecture flag (layers, width, heads, query
+  groups, ffn), the ``tiny`` preset is used; once one architecture flag is given the shape is
+  the user's, and ``--num-layers``, ``--hidden-size``, ``--num-attention-heads`` and
+  ``--seq-length`` are required.
+- ``--sequence-parallel`` with TP=1 is an error (Megatron-LM silently turns it off): the flag
+  would otherwise claim a layout that does not run.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import os
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
-from megatron_looprpt.presets import PRESETS
+from megatron_looprpt.presets import PRESETS, ModelShape
 
 
-class ConfigError(ValueError):
+class ConfigError(Exception):
     """An invalid or inconsistent argument; the message is one line naming the flag."""
 
 
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
 def _te_available() -> bool:
+    # find_spec, not import: importing Transformer Engine initialises CUDA, which validation
+    # must not do.
     return importlib.util.find_spec("transformer_engine") is not None
 
 
@@ -28,27 +51,32 @@ def build_parser() -> argparse.ArgumentParser:
         description="Pre-train looped language models (Ouro) and run LoopRPT on megatron-core. "
                     "Without arguments: the CPU quickstart.",
     )
-    # Shape flags default to None so that presets fill only what the user did not give.
+    # Shape flags default to None so that a preset fills only what the user did not give.
     g = p.add_argument_group("model")
     g.add_argument("--model-size", choices=sorted(PRESETS), default=None,
-                   help="preset shape; explicit shape flags override it (default: tiny when no shape is given)")
+                   help="preset shape; explicit shape flags override it (default: tiny when no "
+                        "architecture flag is given)")
     g.add_argument("--num-layers", type=int, default=None, help="layers in the shared block (N)")
     g.add_argument("--hidden-size", type=int, default=None, help="model width h")
     g.add_argument("--num-attention-heads", type=int, default=None, help="attention heads")
     g.add_argument("--num-query-groups", type=int, default=None, help="GQA groups (default: heads)")
     g.add_argument("--ffn-hidden-size", type=int, default=None, help="SwiGLU width (default: 4*hidden)")
     g.add_argument("--seq-length", type=int, default=None, help="training sequence length")
-    g.add_argument("--max-position-embeddings", type=int, default=None, help="longest sequence RoPE is set up for (default: --seq-length)")
+    g.add_argument("--max-position-embeddings", type=int, default=None,
+                   help="longest sequence RoPE is set up for (default: --seq-length)")
     g.add_argument("--rotary-base", type=int, default=None, help="RoPE theta (default 10000; Ouro: 1000000)")
     g.add_argument("--norm-epsilon", type=float, default=1e-6, help="RMSNorm epsilon")
-    g.add_argument("--untie-embeddings-and-output-weights", action="store_true", default=None, help="separate input embedding and output layer (default, as Ouro)")
+    g.add_argument("--untie-embeddings-and-output-weights", action="store_true", default=None,
+                   help="separate input embedding and output layer (the default, as Ouro)")
     g.add_argument("--tie-embeddings-and-output-weights", dest="untie_embeddings_and_output_weights",
-                   action="store_false", help="share the input embedding and the output layer")
-    g.add_argument("--init-method-std", type=float, default=0.02, help="std of the normal init (output projections scaled by 1/sqrt(2 N T))")
+                   action="store_false", default=None,
+                   help="share the input embedding and the output layer")
+    g.add_argument("--init-method-std", type=float, default=0.02,
+                   help="std of the normal init (output projections scaled by 1/sqrt(2 N T))")
     g.add_argument("--attention-dropout", type=float, default=0.0, help="dropout on attention probabilities")
     g.add_argument("--hidden-dropout", type=float, default=0.0, help="dropout on the residual branches")
     g.add_argument("--transformer-impl", choices=["local", "transformer_engine"], default=None,
-                   help="default: transformer_engine when importable, else local")
+                   help="default: transformer_engine when installed, else local")
 
     g = p.add_argument_group("loop")
     g.add_argument("--loop-steps", type=int, default=None, help="T: applications of the shared block (default 4)")
@@ -61,51 +89,63 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--micro-batch-size", type=int, default=4, help="sequences per micro-batch per data-parallel rank")
     g.add_argument("--global-batch-size", type=int, default=None, help="default: micro batch x DP")
     g.add_argument("--train-iters", type=int, default=100, help="optimizer steps to train (counting resumed ones)")
-    g.add_argument("--seed", type=int, default=1234, help="seed of weights, data order and LoopRPT noise (the same model under every layout)")
-    g.add_argument("--bf16", action="store_true", help="bf16 parameters and activations, fp32 master weights and grad reduction")
-    g.add_argument("--fp8-format", choices=["hybrid", "e4m3"], default=None, help="FP8 GEMMs via Transformer Engine (needs --bf16 and --transformer-impl transformer_engine)")
+    g.add_argument("--seed", type=int, default=1234,
+                   help="seed of weights, data order and LoopRPT noise (the same model under every layout)")
+    g.add_argument("--bf16", action="store_true",
+                   help="bf16 parameters and activations, fp32 master weights and grad reduction")
+    g.add_argument("--fp8-format", choices=["hybrid", "e4m3"], default=None,
+                   help="FP8 GEMMs via Transformer Engine (needs --bf16 and --transformer-impl transformer_engine)")
 
     g = p.add_argument_group("optimizer")
     g.add_argument("--lr", type=float, default=3e-4, help="peak learning rate")
     g.add_argument("--min-lr", type=float, default=0.0, help="learning rate at the end of the decay")
     g.add_argument("--lr-warmup-iters", type=int, default=0, help="linear warmup iterations")
     g.add_argument("--lr-decay-iters", type=int, default=None, help="default: --train-iters")
-    g.add_argument("--lr-decay-style", choices=["constant", "linear", "cosine"], default="cosine", help="decay after warmup")
+    g.add_argument("--lr-decay-style", choices=["constant", "linear", "cosine"], default="cosine",
+                   help="decay after warmup")
     g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
     g.add_argument("--adam-beta1", type=float, default=0.9, help="Adam beta1")
     g.add_argument("--adam-beta2", type=float, default=0.95, help="Adam beta2")
     g.add_argument("--adam-eps", type=float, default=1e-8, help="Adam epsilon")
     g.add_argument("--clip-grad", type=float, default=1.0, help="global gradient-norm clip")
 
-    g = p.add_argument_group("parallelism")
+    g = p.add_argument_group("parallel")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1, help="TP size")
-    g.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="PP size: stages split the looped block's layers; the loop goes around the ring T times")
-    g.add_argument("--sequence-parallel", action="store_true", help="shard activations along the sequence over TP ranks")
-    g.add_argument("--use-distributed-optimizer", action="store_true", help="shard optimizer state (and fp32 master weights) over data-parallel ranks")
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1,
+                   help="PP size: stages split the looped block's layers; the loop goes around the ring T times")
+    g.add_argument("--sequence-parallel", action="store_true",
+                   help="shard activations along the sequence over TP ranks (needs TP > 1)")
+    g.add_argument("--use-distributed-optimizer", action="store_true",
+                   help="shard optimizer state (and fp32 master weights) over data-parallel ranks")
 
     g = p.add_argument_group("data")
-    g.add_argument("--data-path", nargs="*", default=None, help="prefix, or a blend: w1 prefix1 w2 prefix2 ...")
+    g.add_argument("--data-path", nargs="*", default=None,
+                   help="prefix, prefixes, or a blend: w1 prefix1 w2 prefix2 ...")
     g.add_argument("--split", default="969,30,1", help="train,valid,test proportions of the documents")
-    g.add_argument("--mock-data", action="store_true", help="synthetic data (megatron's MockGPTDataset) instead of --data-path")
+    g.add_argument("--mock-data", action="store_true",
+                   help="synthetic data (megatron's MockGPTDataset) instead of --data-path")
     g.add_argument("--tokenizer-type", choices=["SentencePieceTokenizer", "HuggingFaceTokenizer", "NullTokenizer"],
                    default="SentencePieceTokenizer")
     g.add_argument("--tokenizer-model", default=None, help="SentencePiece .model or tokenizer.json")
     g.add_argument("--vocab-size", type=int, default=None, help="NullTokenizer vocabulary")
-    g.add_argument("--make-vocab-size-divisible-by", type=int, default=128, help="pad the vocabulary to a multiple of this x TP (Megatron's rule)")
+    g.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
+                   help="pad the vocabulary to a multiple of this x TP (Megatron's rule)")
 
-    g = p.add_argument_group("checkpointing")
+    g = p.add_argument_group("checkpoint")
     g.add_argument("--save", default=None, help="checkpoint directory to write (atomically: temp name, then rename)")
     g.add_argument("--load", default=None, help="checkpoint directory to resume from (any TP/PP layout)")
-    g.add_argument("--save-interval", type=int, default=None, help="iterations between checkpoints (a final one is always written)")
-    g.add_argument("--ckpt-keep", type=int, default=None, help="keep the newest N checkpoints")
-    g.add_argument("--exit-on-missing-checkpoint", action="store_true", help="fail when --load has no checkpoint instead of starting from scratch")
+    g.add_argument("--save-interval", type=int, default=None,
+                   help="iterations between checkpoints (a final one is always written)")
+    g.add_argument("--ckpt-keep", type=int, default=None, help="keep the newest N checkpoints (default: all)")
+    g.add_argument("--exit-on-missing-checkpoint", action="store_true",
+                   help="fail when --load has no checkpoint instead of starting from scratch")
     g.add_argument("--no-load-optim", action="store_true", help="do not restore optimizer and scheduler state")
     g.add_argument("--no-load-rng", action="store_true", help="do not restore RNG state")
     g.add_argument("--finetune", action="store_true", help="load weights only, restart iteration count")
 
     g = p.add_argument_group("logging")
     g.add_argument("--log-interval", type=int, default=10, help="iterations between console lines")
-    g.add_argument("--eval-interval", type=int, default=None, help="iterations between validation passes (0: none)")
+    g.add_argument("--eval-interval", type=int, default=0, help="iterations between validation passes (0: none)")
     g.add_argument("--eval-iters", type=int, default=10, help="global batches per validation pass")
     g.add_argument("--log-json", default=None, help="one JSON object per iteration")
     g.add_argument("--tensorboard-dir", default=None, help="TensorBoard event directory (when tensorboard is installed)")
@@ -114,16 +154,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--wandb-save-dir", default=None, help="wandb directory")
     g.add_argument("--no-progress-bar", action="store_true", help="no progress bar even on a terminal")
 
-    g = p.add_argument_group("reinforcement pre-training")
-    g.add_argument("--rl-algo", choices=["none", "looprpt"], default="none", help="looprpt: reinforcement pre-training on the loop steps; none: plain pre-training")
-    g.add_argument("--rl-hard-token-ratio", type=float, default=0.2, help="fraction of each sequence's tokens (highest teacher entropy) the RL terms use")
+    g = p.add_argument_group("rl")
+    g.add_argument("--rl-algo", choices=["none", "looprpt"], default="none",
+                   help="looprpt: reinforcement pre-training on the loop steps; none: plain pre-training")
+    g.add_argument("--rl-hard-token-ratio", type=float, default=0.2,
+                   help="fraction of each sequence's tokens (highest teacher entropy) the RL terms use")
     g.add_argument("--rl-num-rollouts", type=int, default=8, help="G noisy latent rollouts per token")
-    g.add_argument("--rl-latent-noise-std", type=float, default=0.1, help="std of the Gaussian latent noise (drop probability for dropout)")
-    g.add_argument("--rl-noise-type", choices=["gaussian", "dropout"], default="gaussian", help="how latents are perturbed")
+    g.add_argument("--rl-latent-noise-std", type=float, default=0.1,
+                   help="std of the Gaussian latent noise (drop probability for dropout)")
+    g.add_argument("--rl-noise-type", choices=["gaussian", "dropout"], default="gaussian",
+                   help="how latents are perturbed")
     g.add_argument("--rl-reward-scale", type=float, default=1.0, help="multiplies the step-wise reward")
-    g.add_argument("--rl-time-penalty", type=float, default=0.02, help="lam_base")
-    g.add_argument("--rl-time-penalty-scale", type=float, default=0.5, help="lam_scale")
-    g.add_argument("--rl-ema-decay", type=float, default=0.995, help="teacher = decay * teacher + (1 - decay) * student after each step")
+    g.add_argument("--rl-time-penalty", type=float, default=0.02, help="lam_base (the authors' default)")
+    g.add_argument("--rl-time-penalty-scale", type=float, default=0.5, help="lam_scale (the authors' default)")
+    g.add_argument("--rl-ema-decay", type=float, default=0.995,
+                   help="teacher = decay * teacher + (1 - decay) * student after each step")
     g.add_argument("--rl-pg-coef", type=float, default=1.0, help="weight of the policy-gradient term")
     g.add_argument("--rl-model-coef", type=float, default=1.0, help="weight of the advantage-weighted backbone CE")
     g.add_argument("--rl-entropy-coef", type=float, default=0.01, help="weight of the exit-distribution entropy bonus")
@@ -131,68 +176,89 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-_SHAPE_FLAGS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
-                "ffn_hidden_size", "seq_length", "max_position_embeddings", "loop_steps",
-                "rotary_base", "untie_embeddings_and_output_weights")
+# Flags whose presence means "the user gives the shape" (the quickstart preset is not applied).
+_ARCHITECTURE = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size")
+# What a shape given by hand must contain; the rest have defaults.
+_REQUIRED_SHAPE = ("num_layers", "hidden_size", "num_attention_heads", "seq_length")
+# Defaults of the preset-able flags when no preset is used (ModelShape's own defaults).
+_SHAPE_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelShape)
+                   if f.default is not dataclasses.MISSING and f.name != "vocab_size"}
 
 
-def apply_preset(args) -> None:
-    """Fill shape flags the user did not give from --model-size (tiny when nothing is given)."""
-    if args.model_size is None and all(getattr(args, f) is None for f in ("num_layers", "hidden_size")):
+def apply_preset(args: argparse.Namespace) -> None:
+    """Fill the shape flags the user did not give: from --model-size, else from the defaults."""
+    if args.model_size is None and all(getattr(args, name) is None for name in _ARCHITECTURE):
         args.model_size = "tiny"
     if args.model_size is not None:
-        shape = PRESETS[args.model_size].as_flags()
-        for name in _SHAPE_FLAGS:
-            if getattr(args, name) is None:
-                setattr(args, name, shape[name])
-        if args.vocab_size is None and args.tokenizer_type == "NullTokenizer":
-            args.vocab_size = shape["vocab_size"]
-    for name, default in (("loop_steps", 4), ("rotary_base", 10000), ("untie_embeddings_and_output_weights", True)):
+        for name, value in dataclasses.asdict(PRESETS[args.model_size]).items():
+            if name == "vocab_size":
+                # A preset's vocabulary only sizes NullTokenizer runs; a real tokenizer decides.
+                if args.vocab_size is None and args.tokenizer_type == "NullTokenizer":
+                    args.vocab_size = value
+            elif getattr(args, name) is None:
+                setattr(args, name, value)
+    for name, value in _SHAPE_DEFAULTS.items():
         if getattr(args, name) is None:
-            setattr(args, name, default)
-    if args.num_query_groups is None and args.num_attention_heads is not None:
+            setattr(args, name, value)
+    if args.num_query_groups is None:
         args.num_query_groups = args.num_attention_heads
     if args.ffn_hidden_size is None and args.hidden_size is not None:
         args.ffn_hidden_size = 4 * args.hidden_size
     if args.max_position_embeddings is None:
         args.max_position_embeddings = args.seq_length
-    if args.transformer_impl is None:
-        args.transformer_impl = "transformer_engine" if _te_available() else "local"
 
 
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise ConfigError(message)
+def validate_args(args: argparse.Namespace, world_size: int) -> None:
+    """Check everything that can be checked before building anything; fill derived values
+    (data_parallel_size, global_batch_size, num_microbatches, lr_decay_iters, transformer_impl,
+    params_dtype). padded_vocab_size is the caller's: it needs the tokenizer."""
+    _validate_shape(args)
+    _validate_parallel(args, world_size)
+    _validate_optimizer(args)
+    _validate_precision(args)
+    _validate_rl(args)
+    _validate_data(args)
+    _validate_checkpoint(args)
+    _validate_logging(args)
 
 
-def validate_args(args, world_size: int) -> None:
-    """Check everything that can be checked before building anything; fill derived values."""
-    for name in ("num_layers", "hidden_size", "num_attention_heads", "seq_length"):
+def _validate_shape(args) -> None:
+    for name in _REQUIRED_SHAPE:
         _require(getattr(args, name) is not None,
-                 f"--{name.replace('_', '-')} is required (or choose a --model-size preset)")
-    for name in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
-                 "seq_length", "micro_batch_size", "train_iters", "tensor_model_parallel_size",
-                 "pipeline_model_parallel_size", "loop_steps"):
+                 f"{_flag(name)} is required when the shape is given by flags (or choose a --model-size preset)")
+    for name in (*_REQUIRED_SHAPE, "num_query_groups", "ffn_hidden_size", "max_position_embeddings", "loop_steps"):
         value = getattr(args, name)
-        _require(value is not None and value >= 1, f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        _require(value >= 1, f"{_flag(name)} must be >= 1, got {value}")
+    _require(args.num_attention_heads % args.num_query_groups == 0,
+             f"--num-attention-heads {args.num_attention_heads} is not divisible by --num-query-groups "
+             f"{args.num_query_groups}: each query group serves a whole number of heads")
+    _require(args.hidden_size % args.num_attention_heads == 0,
+             f"--hidden-size {args.hidden_size} is not divisible by --num-attention-heads "
+             f"{args.num_attention_heads}: choose a width that is a multiple of the head count")
+    _require(args.seq_length <= args.max_position_embeddings,
+             f"--seq-length {args.seq_length} exceeds --max-position-embeddings "
+             f"{args.max_position_embeddings}: raise --max-position-embeddings or shorten --seq-length")
+    for name in ("attention_dropout", "hidden_dropout"):
+        value = getattr(args, name)
+        _require(0.0 <= value < 1.0, f"{_flag(name)} {value} must be in [0, 1)")
+    _require(0.0 < args.exit_threshold <= 1.0,
+             f"--exit-threshold {args.exit_threshold} must be in (0, 1] (a CDF level of the exit distribution)")
+    _require(args.exit_entropy_coef >= 0.0, f"--exit-entropy-coef {args.exit_entropy_coef} must be >= 0")
+
+
+def _validate_parallel(args, world_size: int) -> None:
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "micro_batch_size"):
+        _require(getattr(args, name) >= 1, f"{_flag(name)} must be >= 1, got {getattr(args, name)}")
     _require(args.num_attention_heads % tp == 0,
              f"--num-attention-heads {args.num_attention_heads} is not divisible by "
              f"--tensor-model-parallel-size {tp}: choose a TP size that divides the head count")
     _require(args.num_query_groups % tp == 0,
              f"--num-query-groups {args.num_query_groups} is not divisible by "
              f"--tensor-model-parallel-size {tp}: choose a TP size that divides the query groups")
-    _require(args.num_attention_heads % args.num_query_groups == 0,
-             f"--num-attention-heads {args.num_attention_heads} is not divisible by "
-             f"--num-query-groups {args.num_query_groups}")
-    _require(args.hidden_size % args.num_attention_heads == 0,
-             f"--hidden-size {args.hidden_size} is not divisible by --num-attention-heads "
-             f"{args.num_attention_heads}")
     _require(args.num_layers % pp == 0,
              f"--num-layers {args.num_layers} is not divisible by --pipeline-model-parallel-size {pp}: "
              "each stage holds num_layers/PP layers of the looped block")
-    _require(args.seq_length <= args.max_position_embeddings,
-             f"--seq-length {args.seq_length} exceeds --max-position-embeddings {args.max_position_embeddings}")
     _require(world_size % (tp * pp) == 0,
              f"the world size {world_size} is not divisible by --tensor-model-parallel-size x "
              f"--pipeline-model-parallel-size = {tp * pp}: launch a multiple of {tp * pp} processes")
@@ -202,47 +268,61 @@ def validate_args(args, world_size: int) -> None:
         _require(args.seq_length % tp == 0,
                  f"--seq-length {args.seq_length} is not divisible by --tensor-model-parallel-size {tp} "
                  "(needed by --sequence-parallel)")
+
     dp = world_size // (tp * pp)
     args.data_parallel_size = dp
+    per_microbatch_round = args.micro_batch_size * dp
     if args.global_batch_size is None:
-        args.global_batch_size = args.micro_batch_size * dp
-    _require(args.global_batch_size % (args.micro_batch_size * dp) == 0,
+        args.global_batch_size = per_microbatch_round
+    _require(args.global_batch_size >= 1 and args.global_batch_size % per_microbatch_round == 0,
              f"--global-batch-size {args.global_batch_size} is not divisible by --micro-batch-size "
-             f"{args.micro_batch_size} x data-parallel size {dp}: use a multiple of {args.micro_batch_size * dp}")
-    args.num_microbatches = args.global_batch_size // (args.micro_batch_size * dp)
+             f"{args.micro_batch_size} x data-parallel size {dp}: use a multiple of {per_microbatch_round}")
+    args.num_microbatches = args.global_batch_size // per_microbatch_round
     if pp > 1 and args.loop_steps > 1:
-        _require(args.num_microbatches >= pp,
-                 f"the looped pipeline (interleaved schedule) needs at least {pp} micro-batches per step, "
-                 f"got {args.num_microbatches}: raise --global-batch-size or lower --micro-batch-size")
-    _require(0.0 < args.exit_threshold <= 1.0, f"--exit-threshold {args.exit_threshold} must be in (0, 1]")
-    _require(args.lr >= args.min_lr, f"--lr {args.lr} is below --min-lr {args.min_lr}")
+        # The loop steps are virtual pipeline stages; megatron-core's interleaved schedule runs
+        # micro-batches in groups of PP and refuses a partial group.
+        _require(args.num_microbatches % pp == 0,
+                 f"--global-batch-size {args.global_batch_size} gives {args.num_microbatches} micro-batches "
+                 f"per step, but the looped pipeline needs a multiple of --pipeline-model-parallel-size {pp}: "
+                 f"use a global batch that is a multiple of {per_microbatch_round * pp}")
+
+
+def _validate_optimizer(args) -> None:
+    _require(args.train_iters >= 1, f"--train-iters must be >= 1, got {args.train_iters}")
+    _require(0.0 <= args.min_lr <= args.lr,
+             f"--min-lr {args.min_lr} must be in [0, --lr {args.lr}]: the decay ends at --min-lr")
     if args.lr_decay_iters is None:
         args.lr_decay_iters = args.train_iters
-    _require(args.lr_warmup_iters <= args.lr_decay_iters,
-             f"--lr-warmup-iters {args.lr_warmup_iters} exceeds --lr-decay-iters {args.lr_decay_iters}")
+    _require(0 <= args.lr_warmup_iters <= args.lr_decay_iters,
+             f"--lr-warmup-iters {args.lr_warmup_iters} must be in [0, --lr-decay-iters {args.lr_decay_iters}]")
+    for name in ("adam_beta1", "adam_beta2"):
+        _require(0.0 <= getattr(args, name) < 1.0, f"{_flag(name)} {getattr(args, name)} must be in [0, 1)")
+
+
+def _validate_precision(args) -> None:
+    if args.transformer_impl is None:
+        args.transformer_impl = "transformer_engine" if _te_available() else "local"
     if args.fp8_format is not None:
         _require(args.transformer_impl == "transformer_engine",
-                 "--fp8-format needs --transformer-impl transformer_engine")
+                 "--fp8-format needs --transformer-impl transformer_engine (FP8 GEMMs are Transformer Engine's)")
         _require(args.bf16, "--fp8-format needs --bf16 (FP8 GEMMs with bf16 everywhere else)")
     if args.transformer_impl == "transformer_engine":
-        _require(_te_available(), "--transformer-impl transformer_engine: Transformer Engine is not "
-                                  "installed (pip install -e .[gpu]) — or use --transformer-impl local")
-    _validate_rl(args)
-    _validate_data(args)
-    _validate_checkpoint_paths(args)
-    if args.eval_interval is None:
-        args.eval_interval = 0
+        _require(_te_available(), "--transformer-impl transformer_engine: Transformer Engine is not installed "
+                                  "(pip install -e .[gpu]), or pass --transformer-impl local")
+    args.params_dtype = "bfloat16" if args.bf16 else "float32"
 
 
 def _validate_rl(args) -> None:
+    # The RL flags mean nothing without --rl-algo looprpt, so only then are they checked.
     if args.rl_algo == "none":
         return
     _require(0.0 < args.rl_hard_token_ratio <= 1.0,
              f"--rl-hard-token-ratio {args.rl_hard_token_ratio} must be in (0, 1]")
     _require(args.rl_num_rollouts >= 2,
-             f"--rl-num-rollouts {args.rl_num_rollouts}: GRPO needs at least 2 rollouts per token")
-    _require(0.0 <= args.rl_ema_decay < 1.0, f"--rl-ema-decay {args.rl_ema_decay} must be in [0, 1)")
-    _require(args.rl_latent_noise_std >= 0.0, "--rl-latent-noise-std must be >= 0")
+             f"--rl-num-rollouts {args.rl_num_rollouts} must be >= 2: the advantage is relative to the group")
+    _require(0.0 <= args.rl_ema_decay < 1.0,
+             f"--rl-ema-decay {args.rl_ema_decay} must be in [0, 1) (1 would freeze the teacher)")
+    _require(args.rl_latent_noise_std >= 0.0, f"--rl-latent-noise-std {args.rl_latent_noise_std} must be >= 0")
     if args.rl_noise_type == "dropout":
         _require(args.rl_latent_noise_std < 1.0,
                  "--rl-latent-noise-std is the drop probability with --rl-noise-type dropout: use < 1")
@@ -250,56 +330,120 @@ def _validate_rl(args) -> None:
 
 def _validate_data(args) -> None:
     if args.tokenizer_type == "NullTokenizer":
-        _require(args.vocab_size is not None, "--tokenizer-type NullTokenizer needs --vocab-size")
+        _require(args.vocab_size is not None and args.vocab_size >= 2,
+                 "--tokenizer-type NullTokenizer needs --vocab-size >= 2")
     else:
         _require(args.tokenizer_model is not None,
                  f"--tokenizer-type {args.tokenizer_type} needs --tokenizer-model (a .model or tokenizer.json)")
-        _require(os.path.exists(args.tokenizer_model),
-                 f"--tokenizer-model {args.tokenizer_model} does not exist")
+        _require(os.path.isfile(args.tokenizer_model),
+                 f"--tokenizer-model {args.tokenizer_model} does not exist "
+                 "(train one with tools/train_tokenizer.py)")
+    _require(args.make_vocab_size_divisible_by >= 1,
+             f"--make-vocab-size-divisible-by must be >= 1, got {args.make_vocab_size_divisible_by}")
+    _validate_split(args.split)
     if args.mock_data:
         return
     _require(bool(args.data_path), "--data-path is required (or pass --mock-data for synthetic data)")
-    from megatron_looprpt.data.datasets import validate_data_prefixes
+    for prefix in _data_prefixes(args.data_path):
+        for suffix in (".bin", ".idx"):
+            _require(os.path.isfile(prefix + suffix),
+                     f"--data-path: {prefix + suffix} does not exist (write it with tools/preprocess_data.py)")
 
+
+def _validate_split(split: str) -> None:
+    usage = f"--split {split}: give up to three non-negative train,valid,test proportions, e.g. 969,30,1"
     try:
-        validate_data_prefixes(args.data_path)
-    except (FileNotFoundError, ValueError) as error:
-        raise ConfigError(str(error).splitlines()[0]) from None
+        parts = [float(part) for part in split.split(",")]
+    except ValueError:
+        raise ConfigError(usage) from None
+    _require(len(parts) <= 3 and min(parts) >= 0 and sum(parts) > 0, usage)
 
 
-def _validate_checkpoint_paths(args) -> None:
-    if args.load and args.exit_on_missing_checkpoint:
-        _require(os.path.isdir(args.load),
-                 f"--load {args.load} does not exist (drop --exit-on-missing-checkpoint to start from scratch)")
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _data_prefixes(data_path: List[str]) -> List[str]:
+    """The prefixes of a Megatron blend list: one prefix, several prefixes, or weight/prefix pairs.
+    Parsed here rather than by megatron-core so that validation imports nothing heavy."""
+    numeric = [_is_number(item) for item in data_path]
+    if len(data_path) == 1 or not any(numeric):
+        return list(data_path)
+    pairs = len(data_path) % 2 == 0 and all(numeric[0::2]) and not any(numeric[1::2])
+    _require(pairs, f"--data-path {' '.join(data_path)}: give one prefix, several prefixes, or "
+                    "alternating weight prefix pairs (e.g. 0.7 a_text_document 0.3 b_text_document)")
+    weights = [float(w) for w in data_path[0::2]]
+    _require(min(weights) >= 0 and sum(weights) > 0,
+             f"--data-path weights {' '.join(data_path[0::2])} must be non-negative with a positive sum")
+    return data_path[1::2]
+
+
+def _nearest_existing(path: str) -> str:
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return path
+
+
+def _validate_checkpoint(args) -> None:
+    if args.load:
+        # Megatron semantics: a missing --load directory means "start from scratch" unless
+        # --exit-on-missing-checkpoint asks for a hard failure.
+        if os.path.exists(args.load):
+            _require(os.path.isdir(args.load), f"--load {args.load} is not a directory")
+        else:
+            _require(not args.exit_on_missing_checkpoint,
+                     f"--load {args.load} does not exist (drop --exit-on-missing-checkpoint to start from scratch)")
     if args.save:
-        parent = os.path.dirname(os.path.abspath(args.save))
-        _require(os.access(parent, os.W_OK) or os.access(args.save, os.W_OK),
-                 f"--save {args.save}: {parent} is not writable")
-    if args.save_interval is not None:
-        _require(args.save_interval >= 1, "--save-interval must be >= 1")
+        # The save directory is created on the first save, so its nearest existing ancestor
+        # must be a writable directory.
+        existing = _nearest_existing(args.save)
+        _require(os.path.isdir(existing) and os.access(existing, os.W_OK),
+                 f"--save {args.save}: {existing} is not a writable directory")
+    for name in ("save_interval", "ckpt_keep"):
+        value = getattr(args, name)
+        _require(value is None or value >= 1, f"{_flag(name)} must be >= 1, got {value}")
 
 
+def _validate_logging(args) -> None:
+    _require(args.log_interval >= 1, f"--log-interval must be >= 1, got {args.log_interval}")
+    for name in ("eval_interval", "eval_iters"):
+        _require(getattr(args, name) >= 0, f"{_flag(name)} must be >= 0, got {getattr(args, name)}")
+
+
+# The fields that fix the shape of the weights. Not --loop-steps: the weights do not depend on T,
+# so a checkpoint may be loaded with another loop count.
 _CHECKPOINT_SHAPE = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
                      "ffn_hidden_size", "untie_embeddings_and_output_weights")
 
 
-def check_checkpoint_shape(args, saved: dict) -> None:
-    """Refuse a --load checkpoint of another shape before anything is built. The loop count is
-    not part of the shape: the weights do not depend on T."""
+def check_checkpoint_shape(args: argparse.Namespace, saved_args: dict) -> None:
+    """Refuse a --load checkpoint of another shape before anything is built. ``saved_args``: the
+    arguments stored with the checkpoint. The vocabulary is compared once the caller has set
+    ``args.padded_vocab_size`` (it needs the tokenizer)."""
     mismatches = [
-        f"--{name.replace('_', '-')} {getattr(args, name)} but the checkpoint has {saved[name]}"
+        f"{_flag(name)} {getattr(args, name)} but the checkpoint has {saved_args[name]}"
         for name in _CHECKPOINT_SHAPE
-        if name in saved and saved[name] != getattr(args, name)
+        if name in saved_args and saved_args[name] != getattr(args, name)
     ]
-    if saved.get("padded_vocab_size") is not None and getattr(args, "padded_vocab_size", None) is not None:
-        if saved["padded_vocab_size"] != args.padded_vocab_size:
-            mismatches.append(f"vocabulary {args.padded_vocab_size} (padded) but the checkpoint has "
-                              f"{saved['padded_vocab_size']}")
-    _require(not mismatches, f"--load {args.load}: model shape differs: " + "; ".join(mismatches))
+    ours, theirs = getattr(args, "padded_vocab_size", None), saved_args.get("padded_vocab_size")
+    if ours is not None and theirs is not None and ours != theirs:
+        mismatches.append(f"padded vocabulary {ours} (from the tokenizer or --vocab-size) "
+                          f"but the checkpoint has {theirs}")
+    _require(not mismatches, f"--load {args.load}: the checkpoint at {args.load} has another model shape: "
+                             + "; ".join(mismatches) + " (give the checkpoint's shape flags or --model-size)")
 
 
-def parse_args(argv: Optional[Sequence[str]] = None, world_size: Optional[int] = None):
+def parse_args(argv: Optional[Sequence[str]] = None, world_size: Optional[int] = None) -> argparse.Namespace:
+    """Parse ``argv`` (default: sys.argv[1:]), apply the preset, validate and fill derived values.
+    ``world_size`` defaults to $WORLD_SIZE (set by torchrun), else 1."""
     args = build_parser().parse_args(argv)
     apply_preset(args)
-    validate_args(args, world_size or int(os.environ.get("WORLD_SIZE", "1")))
+    if world_size is None:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    validate_args(args, world_size)
     return args
