@@ -14,6 +14,7 @@ import torch
 
 from megatron_looprpt.models.exit_gate import exit_distribution, expected_exit_step, q_exit_steps
 from megatron_looprpt.models.looped_gpt import HeadRequest, LoopedOutput
+from megatron_looprpt.training.step import to_device
 from megatron_looprpt.rl.looprpt_loss import LoopRPTConfig, StudentOutputs, TeacherOutputs, looprpt_loss
 from megatron_looprpt.rl.rollouts import LatentNoise, exit_uniforms
 
@@ -62,7 +63,7 @@ def make_looprpt_forward_step(teacher_outputs: Deque[TeacherOutputs], cfg: LoopR
     (loss functions run in micro-batch order on the last stage)."""
 
     def forward_step(data_iterator, model):
-        batch = next(data_iterator)
+        batch = to_device(next(data_iterator))
         head = HeadRequest(rollout_noise=LatentNoise(
             tuple(batch["sample_ids"].tolist()), cfg.num_rollouts, rollout.noise_std,
             rollout.noise_type, rollout.seed,

@@ -23,6 +23,7 @@ import torch
 from megatron_looprpt.models.builder import LoopedModelConfig, build_stage
 from megatron_looprpt.models.looped_gpt import HeadRequest
 from megatron_looprpt.rl.ema import copy_params_, ema_update_
+from megatron_looprpt.training.step import to_device
 from megatron_looprpt.rl.looprpt_loss import TeacherOutputs
 from megatron_looprpt.training.setup import build_model
 
@@ -69,7 +70,7 @@ class EMATeacher:
         collected: Deque[TeacherOutputs] = collections.deque()
 
         def forward_step(data_iterator, model):
-            batch = next(data_iterator)
+            batch = to_device(next(data_iterator))
             output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"],
                            head=_TEACHER_HEAD)
 

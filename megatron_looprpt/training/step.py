@@ -13,11 +13,19 @@ from megatron_looprpt.models.looped_gpt import HeadRequest
 from megatron_looprpt.models.pipeline import PipelinedModel
 
 
+def to_device(batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Move a micro-batch to this rank's GPU (a no-op on CPU runs)."""
+    if not torch.cuda.is_available():
+        return batch
+    device = torch.cuda.current_device()
+    return {name: value.to(device, non_blocking=True) for name, value in batch.items()}
+
+
 def make_forward_step(objective: Callable, head: HeadRequest = HeadRequest()):
     """megatron's forward_step_func: run a chunk on the next micro-batch, bind its loss."""
 
     def forward_step(data_iterator, model):
-        batch = next(data_iterator)
+        batch = to_device(next(data_iterator))
         output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"], head=head)
         return output, partial(objective, batch)
 
@@ -60,7 +68,9 @@ def reduce_metrics(per_microbatch: List[Dict[str, torch.Tensor]]) -> Dict[str, t
         flat.append(total)
         sizes.append(None if total is None else total.numel())
     sizes = _broadcast_names_from_last_stage(sizes)
-    flat = [torch.zeros(size) if value is None else value for value, size in zip(flat, sizes)]
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    flat = [torch.zeros(size, device=device) if value is None else value.to(device)
+            for value, size in zip(flat, sizes)]
     buffer = torch.cat(flat)
     dist.all_reduce(buffer, group=parallel_state.get_data_parallel_group())
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:

@@ -1,0 +1,393 @@
+"""Evaluate checkpoints on a held-out split under any TP/PP/DP layout.
+
+A checkpoint carries the arguments of the run that wrote it (model shape, tokenizer, data,
+batch sizes); the evaluation starts from those and overrides only the layout, the data and the
+batch sizes it is given. The model is rebuilt for the current layout and the weights are
+resharded on load (``checkpointing.load_checkpoint``), so any layout evaluates any checkpoint.
+
+Forward-only passes go through the same megatron pipeline schedules as training
+(``training.step.eval_step``); each micro-batch's loss function returns metric sums
+(``metrics.token_sums``), which ``reduce_metrics`` adds over micro-batches and data-parallel
+ranks and shares with every pipeline stage. The global batches, and hence the totals, do not
+depend on the layout: the default global batch is the checkpoint's, not micro-batch x DP.
+
+The reference model whose next-token entropy sorts tokens into difficulty buckets is, by
+default, the evaluated (--load) model itself at its last loop step. ``--reference CKPT`` takes
+it from another checkpoint instead (at that model's last loop step). A ``--compare`` model is
+bucketed by the same reference as the --load model, so per-bucket numbers line up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import hashlib
+import os
+from dataclasses import dataclass
+from typing import Deque, Dict, List, Optional, Tuple
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+from megatron_looprpt import parallel
+from megatron_looprpt.arguments import ConfigError, build_parser, validate_args
+from megatron_looprpt.data.datasets import build_data_iterator, build_datasets, validate_data_prefixes
+from megatron_looprpt.data.tokenizers import build_tokenizer
+from megatron_looprpt.evaluation import metrics
+from megatron_looprpt.models.builder import LoopedModelConfig
+from megatron_looprpt.models.looped_gpt import HeadRequest
+from megatron_looprpt.training import checkpointing
+from megatron_looprpt.training.loop import model_config
+from megatron_looprpt.training.setup import build_model
+from megatron_looprpt.training.step import eval_step, make_forward_step
+
+SCHEMA = "megatron_looprpt.evaluation/1"
+# Held-out splits, by their index in megatron's train,valid,test split.
+_SPLIT_INDEX = {"valid": 1, "test": 2}
+SPLIT_NAMES = tuple(_SPLIT_INDEX)
+_TOKENIZER_FIELDS = ("tokenizer_type", "tokenizer_model", "vocab_size")
+_EVAL_HEAD = HeadRequest(label_logprobs=True, entropy=True, predictions=True, recompute=False)
+
+
+@dataclass
+class EvalConfig:
+    """What to evaluate and how; None means "as the --load checkpoint's run had it"."""
+
+    load: str
+    data_path: Optional[List[str]] = None
+    split: Optional[str] = None
+    split_name: str = "valid"
+    eval_iters: int = 10
+    micro_batch_size: Optional[int] = None
+    global_batch_size: Optional[int] = None
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    sequence_parallel: bool = False
+    exit_thresholds: Tuple[float, ...] = metrics.DEFAULT_EXIT_THRESHOLDS
+    exit_threshold: Optional[float] = None
+    difficulty_thresholds: Tuple[float, float] = metrics.DEFAULT_DIFFICULTY_THRESHOLDS
+    reference: Optional[str] = None
+    compare: Optional[str] = None
+    tokenizer_model: Optional[str] = None
+
+
+@dataclass
+class Checkpoint:
+    """One checkpoint as this evaluation runs it."""
+
+    flag: str                      # the CLI flag that named it, for errors and the report
+    path: str                      # the resolved iter_* directory
+    iteration: int
+    saved: dict                    # the arguments its run saved
+    args: argparse.Namespace       # those, with this evaluation's overrides, validated
+    model: Optional[LoopedModelConfig] = None
+
+
+# ---------------------------------------------------------------------------------------------
+# checks and checkpoint arguments (nothing built, no process group)
+
+
+def check_config(cfg: EvalConfig) -> None:
+    if cfg.eval_iters < 1:
+        raise ConfigError(f"--eval-iters must be >= 1, got {cfg.eval_iters}")
+    if cfg.split_name not in SPLIT_NAMES:
+        raise ConfigError(f"--split-name {cfg.split_name} must be one of {', '.join(SPLIT_NAMES)}")
+    if not cfg.exit_thresholds:
+        raise ConfigError("--exit-thresholds needs at least one value")
+    for q in cfg.exit_thresholds:
+        if not 0.0 < q <= 1.0:
+            raise ConfigError(f"--exit-thresholds: {q} is not in (0, 1]")
+    if cfg.exit_threshold is not None and not 0.0 < cfg.exit_threshold <= 1.0:
+        raise ConfigError(f"--exit-threshold {cfg.exit_threshold} is not in (0, 1]")
+    t1, t2 = cfg.difficulty_thresholds
+    if t1 > t2:
+        raise ConfigError(f"--difficulty-thresholds {t1} {t2}: the first (easy/medium) must not "
+                          "exceed the second (medium/hard)")
+
+
+def _saved_info(flag: str, load_dir: str) -> dict:
+    if not load_dir or not os.path.isdir(load_dir):
+        raise ConfigError(f"{flag} {load_dir} does not exist or is not a directory")
+    try:
+        info = checkpointing.read_checkpoint_info(load_dir)
+    except checkpointing.CheckpointError as error:
+        raise ConfigError(f"{flag} {load_dir}: {error}") from None
+    if info is None:
+        raise ConfigError(f"{flag} {load_dir}: no checkpoint there (neither "
+                          f"{checkpointing.TRACKER_FILENAME} nor a complete iter_* directory)")
+    if not info.get("args"):
+        raise ConfigError(f"{flag} {load_dir}: the checkpoint saved no run arguments, so its model "
+                          "shape is unknown")
+    return info
+
+
+def _run_args(saved: dict, cfg: EvalConfig, imposed: Optional[dict]) -> argparse.Namespace:
+    """The saved run's arguments with this evaluation's data, batch sizes and layout.
+    ``imposed``: settings every model must share with the --load model (tokenizer, data)."""
+    args = vars(build_parser().parse_args([]))   # defaults for keys older checkpoints lack
+    args.update(saved)
+    given = {"data_path": cfg.data_path, "split": cfg.split, "micro_batch_size": cfg.micro_batch_size,
+             "global_batch_size": cfg.global_batch_size, "exit_threshold": cfg.exit_threshold,
+             "tokenizer_model": cfg.tokenizer_model}
+    args.update({name: value for name, value in given.items() if value is not None})
+    args.update(imposed or {})
+    args.update(
+        load=None, save=None, save_interval=None, exit_on_missing_checkpoint=False, mock_data=False,
+        eval_iters=cfg.eval_iters, tensor_model_parallel_size=cfg.tensor_model_parallel_size,
+        pipeline_model_parallel_size=cfg.pipeline_model_parallel_size,
+        sequence_parallel=cfg.sequence_parallel,
+    )
+    return argparse.Namespace(**args)
+
+
+def read_checkpoint(flag: str, load_dir: str, cfg: EvalConfig, imposed: Optional[dict] = None) -> Checkpoint:
+    """Read and validate a checkpoint's arguments for this evaluation."""
+    info = _saved_info(flag, load_dir)
+    args = _run_args(info["args"], cfg, imposed)
+    if imposed is None:
+        _check_data(args.data_path)
+    try:
+        validate_args(args, int(os.environ.get("WORLD_SIZE", "1")))
+    except ConfigError as error:
+        raise ConfigError(f"{flag} {load_dir}: {error}") from None
+    return Checkpoint(flag=flag, path=os.path.abspath(info["path"]), iteration=int(info["iteration"]),
+                      saved=info["args"], args=args)
+
+
+def _check_data(data_path: Optional[List[str]]) -> None:
+    """The data must exist and read as megatron indexed datasets; errors name --data-path."""
+    if not data_path:
+        raise ConfigError("--data-path is required (the checkpoint's run used none: it trained on "
+                          "--mock-data)")
+    try:
+        prefixes, _ = validate_data_prefixes(data_path)
+    except (FileNotFoundError, ValueError) as error:
+        raise ConfigError(str(error).splitlines()[0]) from None
+    for prefix in prefixes:
+        try:
+            IndexedDataset(prefix)
+        except Exception as error:  # noqa: BLE001 - megatron asserts on a bad header
+            raise ConfigError(f"--data-path {prefix}: not a readable megatron indexed dataset "
+                              f"({type(error).__name__}: {' '.join(str(error).split())[:200]})") from None
+
+
+def _tokenizer_fields(args) -> dict:
+    get = args.get if isinstance(args, dict) else lambda name: getattr(args, name)
+    return {name: get(name) for name in _TOKENIZER_FIELDS}
+
+
+def _file_digest(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def _same_tokenizer(a: dict, b: dict) -> bool:
+    if a["tokenizer_type"] != b["tokenizer_type"]:
+        return False
+    if a["tokenizer_type"] == "NullTokenizer":
+        return a["vocab_size"] == b["vocab_size"]
+    paths = (a["tokenizer_model"] or "", b["tokenizer_model"] or "")
+    if all(os.path.isfile(p) for p in paths):
+        return _file_digest(paths[0]) == _file_digest(paths[1])
+    # A tokenizer moved since training can only be matched by name.
+    return os.path.basename(paths[0]) == os.path.basename(paths[1])
+
+
+def read_checkpoints(cfg: EvalConfig) -> Dict[str, Checkpoint]:
+    """The --load, --compare and --reference checkpoints (those given), validated, with their
+    model configs for the current layout; raises ConfigError naming the flag."""
+    check_config(cfg)
+    primary = read_checkpoint("--load", cfg.load, cfg)
+    checkpoints = {"load": primary}
+    tokenizer = _tokenizer_fields(primary.args)
+    # Every model reads the --load model's token ids, sequences and batches.
+    imposed = {**tokenizer, **{name: getattr(primary.args, name) for name in
+                               ("data_path", "split", "seq_length", "micro_batch_size", "global_batch_size")}}
+    for role, path in (("compare", cfg.compare), ("reference", cfg.reference)):
+        if path is not None:
+            ckpt = read_checkpoint(f"--{role}", path, cfg, imposed)
+            if not _same_tokenizer(_tokenizer_fields(ckpt.saved), _tokenizer_fields(primary.saved)):
+                raise ConfigError(f"--{role} {path}: its tokenizer differs from the --load model's "
+                                  "(both must read the same token ids)")
+            checkpoints[role] = ckpt
+    vocab_size = build_tokenizer(**tokenizer).vocab_size
+    for ckpt in checkpoints.values():
+        ckpt.model = model_config(ckpt.args, vocab_size)
+        saved_padded = ckpt.saved.get("padded_vocab_size")
+        if saved_padded is not None and saved_padded != ckpt.model.padded_vocab_size:
+            # Megatron pads the vocabulary to a multiple of make_vocab_size_divisible_by x TP.
+            raise ConfigError(
+                f"{ckpt.flag} {ckpt.path}: --tensor-model-parallel-size {cfg.tensor_model_parallel_size} "
+                f"pads the vocabulary to {ckpt.model.padded_vocab_size}, the checkpoint has {saved_padded}: "
+                "choose a TP size that pads it alike")
+    return checkpoints
+
+
+# ---------------------------------------------------------------------------------------------
+# models, data, passes
+
+
+def _load_model(ckpt: Checkpoint):
+    pm = build_model(ckpt.model, seed=ckpt.args.seed, wrap_ddp=False)
+    loaded = checkpointing.load_checkpoint(ckpt.path, pm, None, None, load_optim=False, load_rng=False)
+    if loaded is None:
+        raise ConfigError(f"{ckpt.flag} {ckpt.path}: the checkpoint disappeared before it was loaded")
+    return pm
+
+
+def _eval_dataset(args: argparse.Namespace, tokenizer, split_name: str):
+    index = _SPLIT_INDEX[split_name]
+    # Only the evaluated split is drawn from; the others get the smallest size the builder takes.
+    sizes = [1, 1, 1]
+    sizes[index] = args.eval_iters * args.global_batch_size
+    try:
+        datasets = build_datasets(args.data_path, args.split, args.seq_length, args.seed, tokenizer,
+                                  num_samples=sizes)
+    except (ValueError, FileNotFoundError) as error:
+        raise ConfigError(str(error).splitlines()[0]) from None
+    if datasets[index] is None:
+        raise ConfigError(f"--split {args.split} gives the {split_name} split no documents: evaluate "
+                          f"another --split-name or pass a --split with a nonzero {split_name} share")
+    return datasets[index]
+
+
+def _global_batches(dataset, args: argparse.Namespace, device: torch.device):
+    """``eval_iters`` global batches, this data-parallel rank's micro-batches of each."""
+    iterator = build_data_iterator(dataset, args.micro_batch_size, parallel_state.get_data_parallel_rank(),
+                                   parallel_state.get_data_parallel_world_size())
+    for _ in range(args.eval_iters):
+        yield [{name: value.to(device) for name, value in next(iterator).items()}
+               for _ in range(args.num_microbatches)]
+
+
+def _no_loss(output) -> tuple:
+    return torch.zeros((), device=output.steps[-1].gate_logits.device), torch.tensor(0, dtype=torch.int), {}
+
+
+def reference_entropy(pm, batches) -> Deque[torch.Tensor]:
+    """The reference model's next-token entropy at its last loop step, one [b, s] tensor per
+    micro-batch in order (on the last pipeline stage; empty elsewhere)."""
+    collected: Deque[torch.Tensor] = collections.deque()
+    head = HeadRequest(label_logprobs=False, entropy=True, recompute=False,
+                       vocab_steps=(pm.model.loop_steps - 1,))
+
+    def objective(batch, output):
+        collected.append(output.steps[-1].entropy)
+        return _no_loss(output)
+
+    eval_step(pm, batches, make_forward_step(objective, head))
+    return collected
+
+
+class _EvalObjective:
+    """The forward-only loss function: the metric sums of one micro-batch. Records the
+    reference entropy it used so that a second model can be bucketed alike."""
+
+    def __init__(self, spec: metrics.MetricSpec, reference: Optional[Deque[torch.Tensor]]):
+        self.spec = spec
+        self.reference = reference
+        self.used: Deque[torch.Tensor] = collections.deque()
+
+    def __call__(self, batch, output):
+        entropy = output.steps[-1].entropy if self.reference is None else self.reference.popleft()
+        self.used.append(entropy)
+        sums = metrics.token_sums(
+            batch["labels"], batch["loss_mask"], output.stack("label_logprobs"),
+            output.stack("predictions"), output.stack("entropy"), output.stack("gate_logits"),
+            entropy, self.spec,
+        )
+        loss, num_tokens, _ = _no_loss(output)
+        return loss, num_tokens, sums
+
+
+def evaluate_batch(pm, batches, spec: metrics.MetricSpec,
+                   reference: Optional[Deque[torch.Tensor]] = None):
+    """Reduced metric sums of one global batch (identical on every rank), and the reference
+    entropies used (last stage)."""
+    objective = _EvalObjective(spec, reference)
+    sums = eval_step(pm, batches, make_forward_step(objective, _EVAL_HEAD))
+    return sums, objective.used
+
+
+# ---------------------------------------------------------------------------------------------
+# the whole evaluation
+
+
+def _spec(cfg: EvalConfig, ckpt: Checkpoint) -> metrics.MetricSpec:
+    return metrics.MetricSpec(exit_thresholds=tuple(cfg.exit_thresholds),
+                              default_threshold=ckpt.args.exit_threshold,
+                              difficulty_thresholds=tuple(cfg.difficulty_thresholds))
+
+
+def _describe_model(ckpt: Checkpoint, role: str, reference: dict) -> dict:
+    args = ckpt.args
+    return {
+        "role": role, "checkpoint": ckpt.path, "iteration": ckpt.iteration,
+        "num_layers": args.num_layers, "hidden_size": args.hidden_size,
+        "loop_steps": args.loop_steps, "rl_algo": args.rl_algo,
+        "exit_gate_training": args.exit_gate_training, "reference": reference,
+    }
+
+
+def _reference_description(checkpoints: Dict[str, Checkpoint]) -> dict:
+    if "reference" in checkpoints:
+        ref = checkpoints["reference"]
+        return {"checkpoint": ref.path, "iteration": ref.iteration, "step": ref.args.loop_steps,
+                "description": f"--reference model at its last loop step ({ref.args.loop_steps})"}
+    ref = checkpoints["load"]
+    return {"checkpoint": None, "iteration": ref.iteration, "step": ref.args.loop_steps,
+            "description": f"the --load model itself at its last loop step ({ref.args.loop_steps})"}
+
+
+def run_evaluation(cfg: EvalConfig) -> dict:
+    """Evaluate; returns the report (the same on every rank). Checks everything it can before
+    it initializes the process groups of the requested layout (torchrun's env:// or a
+    1-process group)."""
+    checkpoints = read_checkpoints(cfg)
+    primary = checkpoints["load"]
+    args = primary.args
+    device = parallel.initialize(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
+                                 args.seed)
+    tokenizer = build_tokenizer(**_tokenizer_fields(args))
+    dataset = _eval_dataset(args, tokenizer, cfg.split_name)
+    models = {role: _load_model(ckpt) for role, ckpt in checkpoints.items()}
+    roles = [role for role in ("load", "compare") if role in models]
+    specs = {role: _spec(cfg, checkpoints[role]) for role in roles}
+
+    totals: Dict[str, Optional[Dict[str, torch.Tensor]]] = {role: None for role in roles}
+    for batches in _global_batches(dataset, args, device):
+        reference = reference_entropy(models["reference"], batches) if "reference" in models else None
+        sums, used = evaluate_batch(models["load"], batches, specs["load"], reference)
+        totals["load"] = metrics.add_sums(totals["load"], sums)
+        if "compare" in models:
+            sums, _ = evaluate_batch(models["compare"], batches, specs["compare"], used)
+            totals["compare"] = metrics.add_sums(totals["compare"], sums)
+
+    reference = _reference_description(checkpoints)
+    t1, t2 = cfg.difficulty_thresholds
+    return {
+        "schema": SCHEMA,
+        "data": {
+            "data_path": list(args.data_path), "split": args.split, "split_name": cfg.split_name,
+            "seq_length": args.seq_length, "eval_iters": args.eval_iters,
+            "global_batch_size": args.global_batch_size, "micro_batch_size": args.micro_batch_size,
+        },
+        "layout": {
+            "tensor_model_parallel_size": args.tensor_model_parallel_size,
+            "pipeline_model_parallel_size": args.pipeline_model_parallel_size,
+            "data_parallel_size": args.data_parallel_size,
+            "sequence_parallel": bool(args.sequence_parallel),
+        },
+        "difficulty": {
+            "measure": "next-token entropy (nats) of the reference model at its last loop step",
+            "thresholds": [t1, t2],
+            "buckets": {"easy": f"H < {t1:g}", "medium": f"{t1:g} <= H < {t2:g}", "hard": f"{t2:g} <= H"},
+        },
+        "exit_thresholds": list(cfg.exit_thresholds),
+        "models": [
+            {**_describe_model(checkpoints[role], role, reference),
+             **metrics.summarize(totals[role], specs[role])}
+            for role in roles
+        ],
+    }
