@@ -1,6 +1,5 @@
 """Single-process properties of the looped model."""
 
-import pytest
 import torch
 from megatron.core.models.gpt import GPTModel
 

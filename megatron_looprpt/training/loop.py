@@ -6,7 +6,6 @@ import math
 import time
 from functools import partial
 
-import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 

@@ -6,7 +6,6 @@ seeded function of the global sample index, so every layout sees the same global
 
 import argparse
 import json
-import os
 
 import torch
 import torch.distributed as dist
