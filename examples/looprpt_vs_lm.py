@@ -66,12 +66,9 @@ def main():
 
     parallel.destroy()
     eval_dir = os.path.join(out, "evaluation")
-    # The evaluation is its own (single-process) job: it must not inherit this process's rendezvous.
-    rendezvous = {"MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"}
-    env = {k: v for k, v in os.environ.items() if k not in rendezvous}
     subprocess.run([sys.executable, os.path.join(ROOT, "tools", "evaluate.py"), "--load", lm_dir,
                     "--compare", rl_dir, "--reference", stage1, "--eval-iters", str(a.eval_iters),
-                    "--output-dir", eval_dir], check=True, env={**env, "PYTHONPATH": ROOT})
+                    "--output-dir", eval_dir], check=True, env={**os.environ, "PYTHONPATH": ROOT})
     report = render(json.load(open(os.path.join(eval_dir, "evaluation.json"))), a.iters)
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write(report)

@@ -20,16 +20,17 @@ def initialize(tensor_parallel: int = 1, pipeline_parallel: int = 1, seed: int =
     """Start torch.distributed (env:// as torchrun sets it, or a 1-process group) and megatron's
     model-parallel groups; seed the RNGs. Returns the device this rank computes on."""
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        os.environ.setdefault("RANK", "0")
-        os.environ.setdefault("WORLD_SIZE", "1")
         backend = "nccl" if use_cuda() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(
-            backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes)
-        )
+        timeout = datetime.timedelta(minutes=timeout_minutes)
+        if "WORLD_SIZE" in os.environ:  # launched by torchrun (env:// rendezvous)
+            dist.init_process_group(backend=backend, timeout=timeout)
+        else:
+            # A one-process group on a private address: nothing goes into os.environ, so programs
+            # this process starts (torchrun jobs, tools) do not inherit a port it holds.
+            dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{_free_port()}",
+                                    rank=0, world_size=1, timeout=timeout)
     if use_cuda():
         device = torch.device("cuda", torch.cuda.current_device())
     else:
