@@ -12,9 +12,10 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: starts several real processes (torchrun); still runs in CI")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def single_process_parallel():
-    """One gloo process with TP=PP=1, shared by the single-process tests of a session."""
+    """One gloo process with TP=PP=1. Initialised per test (a no-op when it already is): an
+    in-process tool run by an earlier test may have torn the groups down."""
     from megatron_looprpt import parallel
 
     parallel.initialize(1, 1, seed=1)
