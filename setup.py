@@ -13,6 +13,7 @@ setup(
         "numpy>=1.24,<3",
         "sentencepiece>=0.2,<0.3",
         "tokenizers>=0.15,<1",
+        "safetensors>=0.4,<1",
         "packaging",
     ],
     extras_require={

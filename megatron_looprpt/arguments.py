@@ -127,7 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tokenizer-type", choices=["SentencePieceTokenizer", "HuggingFaceTokenizer", "NullTokenizer"],
                    default="SentencePieceTokenizer")
     g.add_argument("--tokenizer-model", default=None, help="SentencePiece .model or tokenizer.json")
-    g.add_argument("--vocab-size", type=int, default=None, help="NullTokenizer vocabulary")
+    g.add_argument("--vocab-size", type=int, default=None,
+                   help="NullTokenizer vocabulary; with a real tokenizer, the model vocabulary when larger "
+                        "than the tokenizer's (a converted checkpoint's; adopted from --load when not given)")
     g.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
                    help="pad the vocabulary to a multiple of this x TP (Megatron's rule)")
 

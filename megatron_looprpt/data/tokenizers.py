@@ -133,6 +133,12 @@ def build_tokenizer(
     return HFTokenizerJson(tokenizer_model)
 
 
+def model_vocab_size(tokenizer: Tokenizer, vocab_size: Optional[int]) -> int:
+    """The model's (unpadded) vocabulary: the tokenizer's, or ``--vocab-size`` when that is
+    larger (a Hugging Face config may size the embedding beyond its tokenizer's tokens)."""
+    return max(tokenizer.vocab_size, vocab_size or 0)
+
+
 def train_sentencepiece(
     inputs: Sequence[str],
     output_prefix: str,

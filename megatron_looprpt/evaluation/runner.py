@@ -33,7 +33,7 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset
 from megatron_looprpt import parallel
 from megatron_looprpt.arguments import ConfigError, build_parser, validate_args
 from megatron_looprpt.data.datasets import build_data_iterator, build_datasets, validate_data_prefixes
-from megatron_looprpt.data.tokenizers import build_tokenizer
+from megatron_looprpt.data.tokenizers import build_tokenizer, model_vocab_size
 from megatron_looprpt.evaluation import metrics
 from megatron_looprpt.models.builder import LoopedModelConfig
 from megatron_looprpt.models.looped_gpt import HeadRequest
@@ -211,7 +211,7 @@ def read_checkpoints(cfg: EvalConfig) -> Dict[str, Checkpoint]:
                 raise ConfigError(f"--{role} {path}: its tokenizer differs from the --load model's "
                                   "(both must read the same token ids)")
             checkpoints[role] = ckpt
-    vocab_size = build_tokenizer(**tokenizer).vocab_size
+    vocab_size = model_vocab_size(build_tokenizer(**tokenizer), tokenizer.get("vocab_size"))
     for ckpt in checkpoints.values():
         ckpt.model = model_config(ckpt.args, vocab_size)
         saved_padded = ckpt.saved.get("padded_vocab_size")

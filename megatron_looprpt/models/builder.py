@@ -40,9 +40,14 @@ class LoopedModelConfig:
 
     @property
     def padded_vocab_size(self) -> int:
-        """Megatron's padding: a multiple of make_vocab_size_divisible_by * TP."""
-        multiple = self.make_vocab_size_divisible_by * self.tensor_parallel
-        return -(-self.vocab_size // multiple) * multiple
+        return pad_vocab_size(self.vocab_size, self.make_vocab_size_divisible_by, self.tensor_parallel)
+
+
+def pad_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel: int) -> int:
+    """Megatron's padding: the next multiple of divisible_by * TP (so that every TP rank holds
+    an equal, aligned slice of the vocabulary)."""
+    multiple = divisible_by * tensor_parallel
+    return -(-vocab_size // multiple) * multiple
 
 
 def transformer_config(cfg: LoopedModelConfig) -> TransformerConfig:

@@ -27,11 +27,16 @@ What is in it, and what survives a change of layout:
 * ``rng``: python, numpy, torch CPU (+CUDA) and megatron's model-parallel tracker states, one
   ``ShardedObject`` per (pp, tp, dp) rank. They are restored exactly under the same layout and
   skipped with a warning under a different one (a different layout has different generators).
+  A model-only checkpoint (``has_rng`` false: the converter's) has none.
 * ``extra_models`` (name -> module, e.g. the EMA teacher): ``module.sharded_state_dict()``
   under ``<name>.`` keys; they reshard like the model.
 * common (rank 0): the scheduler's state, the caller's ``state`` and ``args`` (JSON-able; both
   are normalised through JSON so that they load with ``torch.load(weights_only=True)``), the
   layout and the iteration.
+
+Loading tolerates a checkpoint without the layers' ``_extra_state`` objects (a converted
+checkpoint: Transformer Engine's FP8 metadata then starts fresh); any other absent entry is an
+error.
 
 Publishing is atomic: every rank writes into ``save_dir/.tmp_iter_XXXXXXX_<unique>``; after a
 barrier rank 0 renames it to ``iter_XXXXXXX`` and then replaces the tracker (write to a temp
@@ -60,6 +65,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.validation import StrictHandling
 from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
 logger = logging.getLogger(__name__)
@@ -605,6 +611,47 @@ def save_checkpoint(save_dir: str, iteration: int, pm, optimizer, scheduler, sta
         raise ValueError("keep must be >= 1")
     state = dict(state or {})
     _prepare_megatron()
+    model_sd = pm.model.sharded_state_dict()
+    save_optim = optimizer is not None and not state.get("no_optim")
+    sharded = {"model": model_sd, _RNG_KEY: _rng_sharded_object(get_rng_state())}
+    optim_meta = None
+    if save_optim:
+        optim_meta = _optimizer_metadata(optimizer)
+        _prime_distributed_optimizer(optimizer)
+        sharded["optimizer"] = optimizer.sharded_state_dict(
+            model_sd, is_loading=False, metadata=_sharding_metadata(optim_meta))
+    for name, module in extra_models.items():
+        sharded[name] = module.sharded_state_dict(prefix=f"{name}.")
+    if scheduler is not None:
+        sharded["scheduler"] = scheduler.state_dict()
+    meta = checkpoint_meta(iteration, current_layout(), args, state=state, optimizer=optim_meta,
+                           extra_models=sorted(extra_models))
+    return write_checkpoint(save_dir, iteration, sharded, meta, keep=keep)
+
+
+def checkpoint_meta(iteration: int, layout: Dict[str, int], args: Dict[str, Any],
+                    state: Optional[Dict[str, Any]] = None, optimizer: Optional[Dict[str, Any]] = None,
+                    extra_models: Optional[List[str]] = None, has_rng: bool = True) -> Dict[str, Any]:
+    """The ``looprpt`` entry of a checkpoint's common state: what reading it needs without
+    loading tensors. ``has_rng`` is False for model-only checkpoints (the converter's)."""
+    return {
+        "version": CHECKPOINT_VERSION,
+        "iteration": int(iteration),
+        "layout": dict(layout),
+        "optimizer": optimizer,
+        "extra_models": list(extra_models or []),
+        "has_rng": has_rng,
+        "state": _jsonable(dict(state or {}), "state"),
+        "args": _jsonable(args or {}, "args"),
+    }
+
+
+def write_checkpoint(save_dir: str, iteration: int, sharded: Dict[str, Any], meta: Dict[str, Any],
+                     keep: Optional[int] = None, sharded_strategy=None) -> str:
+    """Write ``sharded`` (+ ``meta`` as its ``looprpt`` entry) to ``save_dir/iter_{iteration:07d}``
+    and publish it atomically (collective). ``sharded_strategy``: megatron-core's save strategy
+    (default torch_dist); the converter passes one that materialises tensors lazily."""
+    _prepare_megatron()
     rank, world = dist.get_rank(), dist.get_world_size()
     started = time.time()
     save_dir = os.path.abspath(save_dir)
@@ -621,30 +668,8 @@ def save_checkpoint(save_dir: str, iteration: int, pm, optimizer, scheduler, sta
         os.makedirs(tmp)
     dist.barrier()
 
-    model_sd = pm.model.sharded_state_dict()
-    save_optim = optimizer is not None and not state.get("no_optim")
-    sharded = {"model": model_sd, _RNG_KEY: _rng_sharded_object(get_rng_state())}
-    optim_meta = None
-    if save_optim:
-        optim_meta = _optimizer_metadata(optimizer)
-        _prime_distributed_optimizer(optimizer)
-        sharded["optimizer"] = optimizer.sharded_state_dict(
-            model_sd, is_loading=False, metadata=_sharding_metadata(optim_meta))
-    for name, module in extra_models.items():
-        sharded[name] = module.sharded_state_dict(prefix=f"{name}.")
-    if scheduler is not None:
-        sharded["scheduler"] = scheduler.state_dict()
-    sharded["looprpt"] = {
-        "version": CHECKPOINT_VERSION,
-        "iteration": int(iteration),
-        "layout": current_layout(),
-        "optimizer": optim_meta,
-        "extra_models": sorted(extra_models),
-        "state": _jsonable(state, "state"),
-        "args": _jsonable(args or {}, "args"),
-    }
-
-    dist_checkpointing.save(sharded, tmp,
+    sharded = {**sharded, "looprpt": meta}
+    dist_checkpointing.save(sharded, tmp, sharded_strategy=sharded_strategy,
                             preprocess_common_before_consistancy_check=_common_for_consistency_check)
     _fsync_tree(tmp, rank, world)
     dist.barrier()
@@ -707,7 +732,7 @@ def load_checkpoint(load_dir: str, pm, optimizer, scheduler, load_optim: bool = 
                 model_sd, is_loading=True, metadata=load_meta)
 
     restore_rng = False
-    if load_rng:
+    if load_rng and meta.get("has_rng", True):
         saved_layout = meta["layout"]
         now = current_layout()
         if all(saved_layout[k] == now[k] for k in ("tp", "pp", "dp")):
@@ -720,11 +745,18 @@ def load_checkpoint(load_dir: str, pm, optimizer, scheduler, load_optim: bool = 
                 saved_layout["dp"], now["tp"], now["pp"], now["dp"])
 
     try:
-        loaded = dist_checkpointing.load(sharded, path)
+        # A converted checkpoint (tools/checkpoint/convert.py) holds weights only, without the
+        # layers' _extra_state objects (FP8 metadata under Transformer Engine, empty otherwise):
+        # those may be absent; any other requested key that is absent is an error.
+        loaded, _, absent = dist_checkpointing.load(sharded, path, strict=StrictHandling.RETURN_UNEXPECTED)
     except _LOAD_ERRORS as exc:  # turned into one line naming the path
         raise CheckpointError(
             f"cannot load checkpoint {path} ({_describe(exc)}); {hint}"
         ) from exc
+    absent = sorted(k for k in absent if not k.endswith("_extra_state"))
+    if absent:
+        raise CheckpointError(f"checkpoint {path} lacks {len(absent)} entries this run needs, e.g. "
+                              f"{', '.join(absent[:3])}; {hint}")
 
     _load_module(pm.model, loaded["model"], path, "model")
     for name in restore_extra:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import time
 from functools import partial
+from typing import Optional
 
 import torch.distributed as dist
 from megatron.core import parallel_state
@@ -12,7 +13,7 @@ from megatron.core import parallel_state
 from megatron_looprpt import parallel
 from megatron_looprpt.arguments import ConfigError, check_checkpoint_shape
 from megatron_looprpt.data.datasets import build_data_iterator, build_datasets
-from megatron_looprpt.data.tokenizers import build_tokenizer
+from megatron_looprpt.data.tokenizers import build_tokenizer, model_vocab_size
 from megatron_looprpt.models.builder import LoopedModelConfig
 from megatron_looprpt.models.loss import ExitLossConfig
 from megatron_looprpt.rl.looprpt_loss import LoopRPTConfig
@@ -62,18 +63,23 @@ def optim_config(args) -> OptimConfig:
     )
 
 
-def _check_load_before_building(args) -> None:
-    """A checkpoint of another model shape is refused before any model is built (and before
-    process groups start)."""
+def _saved_args(args) -> Optional[dict]:
+    """The run arguments stored with the --load checkpoint (None: nothing to load), read before
+    any model is built or process group started."""
     if not args.load:
-        return
+        return None
     saved = checkpointing.read_checkpoint_args(args.load)
-    if saved is None:
-        if args.exit_on_missing_checkpoint:
-            raise ConfigError(f"--load {args.load}: no checkpoint found there "
-                              "(drop --exit-on-missing-checkpoint to start from scratch)")
-        return
-    check_checkpoint_shape(args, saved)
+    if saved is None and args.exit_on_missing_checkpoint:
+        raise ConfigError(f"--load {args.load}: no checkpoint found there "
+                          "(drop --exit-on-missing-checkpoint to start from scratch)")
+    return saved
+
+
+def _adopt_checkpoint_vocab(args, saved: Optional[dict]) -> None:
+    """A converted Hugging Face checkpoint may have more vocabulary rows than its tokenizer has
+    tokens (the config's vocab_size); without --vocab-size, the model keeps the checkpoint's."""
+    if saved and args.vocab_size is None and args.tokenizer_type != "NullTokenizer":
+        args.vocab_size = saved.get("vocab_size")
 
 
 class _Batches:
@@ -114,10 +120,15 @@ class LoopRPTRun:
 
 def pretrain(args) -> dict:
     """Train according to ``args`` (already parsed and validated); returns a summary."""
+    saved = _saved_args(args)
+    _adopt_checkpoint_vocab(args, saved)
     tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_size)
-    cfg = model_config(args, tokenizer.vocab_size)
+    vocab_size = model_vocab_size(tokenizer, args.vocab_size)
+    cfg = model_config(args, vocab_size)
     args.padded_vocab_size = cfg.padded_vocab_size
-    _check_load_before_building(args)
+    if saved is not None:
+        # a checkpoint of another model shape is refused before anything is built
+        check_checkpoint_shape(args, saved)
     parallel.initialize(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.seed)
     logger = RunLogger(
         args.log_interval, args.train_iters, json_path=args.log_json,
@@ -130,7 +141,7 @@ def pretrain(args) -> dict:
     optimizer, scheduler = build_optimizer(pm, cfg, optim_config(args))
     logger.info(_describe(pm, cfg, args))
 
-    rl = LoopRPTRun(args, cfg, pm, tokenizer.vocab_size) if args.rl_algo == "looprpt" else None
+    rl = LoopRPTRun(args, cfg, pm, vocab_size) if args.rl_algo == "looprpt" else None
     extra_models = {"teacher": rl.teacher.store} if rl is not None else {}
     iteration, consumed_samples = 0, 0
     if args.load:
