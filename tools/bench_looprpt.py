@@ -31,6 +31,8 @@ def parse():
     add_shape_args(p)
     p.add_argument("--num-microbatches", type=int, default=2)
     p.add_argument("--rl-num-rollouts", type=int, default=8)
+    p.add_argument("--use-distributed-optimizer", action="store_true",
+                   help="under torchrun (data parallel): shard the optimizer and, in bf16, the teacher's fp32 EMA")
     p.add_argument("--out", default=None)
     return p.parse_args()
 
@@ -55,9 +57,13 @@ def main():
         ffn_hidden_size=a.ffn_hidden_size, vocab_size=a.vocab_size, max_position_embeddings=a.seq_length,
         loop_steps=a.loop_steps, bf16=a.bf16,
     )
-    global_batch = a.micro_batch_size * a.num_microbatches
-    pm = build_model(cfg, seed=1)
-    optimizer, scheduler = build_optimizer(pm, cfg, OptimConfig(global_batch_size=global_batch))
+    from megatron.core import parallel_state
+
+    dp = parallel_state.get_data_parallel_world_size()
+    global_batch = a.micro_batch_size * a.num_microbatches * dp
+    pm = build_model(cfg, seed=1, use_distributed_optimizer=a.use_distributed_optimizer)
+    optimizer, scheduler = build_optimizer(pm, cfg, OptimConfig(
+        global_batch_size=global_batch, use_distributed_optimizer=a.use_distributed_optimizer))
     teacher = EMATeacher(cfg, pm, seed=1)
     rl_cfg = LoopRPTConfig(num_rollouts=a.rl_num_rollouts)
     lm_forward = make_forward_step(partial(lm_objective, cfg=ExitLossConfig()))
@@ -92,7 +98,7 @@ def main():
         return sum(t.numel() * t.element_size() for t in tensors)
 
     student_param_bytes = nbytes(pm.model.parameters())
-    teacher_bytes = nbytes(teacher.params) + (0 if teacher.store is teacher.pm.model else nbytes(teacher.ema))
+    teacher_bytes = nbytes(teacher.params) + teacher.ema_state_bytes()
     result = {
         "device": str(device),
         "lm_iteration_s": statistics.median(lm_times),
@@ -103,10 +109,16 @@ def main():
         "rollouts": a.rl_num_rollouts,
         "loop_steps": a.loop_steps,
     }
+    result["data_parallel_size"] = dp
+    result["teacher_ema_state_bytes_per_rank"] = teacher.ema_state_bytes()
+    if torch.distributed.get_rank() != 0:
+        parallel.destroy()
+        return
     print(json.dumps(result, indent=2))
     print(f"LoopRPT / LM iteration time = {result['ratio']:.3f} (target <= 1.5); "
           f"teacher memory per rank {teacher_bytes / 2**20:.2f} MiB "
-          f"({teacher_bytes / student_param_bytes:.2f}x the student's parameters)")
+          f"({teacher_bytes / student_param_bytes:.2f}x the student's parameters; fp32 EMA state "
+          f"{teacher.ema_state_bytes() / 2**20:.2f} MiB, DP={dp})")
     if a.out:
         with open(a.out, "w") as f:
             json.dump(result, f, indent=2)

@@ -5,11 +5,17 @@ its student shard and the update teacher = decay * teacher + (1 - decay) * stude
 no communication. It runs through the same megatron pipeline schedules (forward only) and
 hands its per-step outputs to the student's loss, micro-batch by micro-batch, on the last stage.
 
-The EMA is kept in fp32: a bf16 teacher could not absorb (1 - decay)-sized increments. In fp32
-runs the teacher's own weights are the EMA; in bf16 runs an fp32 copy of the stage (``store``,
-never run) holds it and the bf16 compute weights are refreshed from it after each update. The
-store is a real module, so the teacher checkpoints through ``sharded_state_dict`` like the
-student and reshards with it.
+The EMA is kept in fp32: a bf16 teacher could not absorb (1 - decay)-sized increments. Where
+that fp32 state lives:
+
+* fp32 runs: the teacher's own weights are the EMA.
+* bf16 runs with the distributed optimizer: DP-sharded like the student's main parameters
+  (``sharded_ema.py``); after each update the bf16 weights are all-gathered over DP.
+* other bf16 runs: an fp32 copy of the stage (``store``, never run), replicated like the rest
+  of the model; the bf16 compute weights are refreshed from it after each update.
+
+``store`` is what checkpoints see (``sharded_state_dict`` / ``load_state_dict`` of a module
+with the teacher's layout), so the teacher reshards with the student across TP/PP/DP.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import torch
 from megatron_looprpt.models.builder import LoopedModelConfig, build_stage
 from megatron_looprpt.models.looped_gpt import HeadRequest
 from megatron_looprpt.rl.ema import copy_params_, ema_update_
+from megatron_looprpt.rl.sharded_ema import DPShardedEMA, distributed_optimizer_buffers
 from megatron_looprpt.training.step import to_device
 from megatron_looprpt.rl.looprpt_loss import TeacherOutputs
 from megatron_looprpt.training.setup import build_model
@@ -36,30 +43,55 @@ class EMATeacher:
         self.params = list(self.pm.model.parameters())
         for param in self.params:
             param.requires_grad_(False)
+        student_params = list(student.model.parameters())
+        buffers = distributed_optimizer_buffers(student.stage)
+        self.sharded = None
+        self.ema = []
         if all(p.dtype == torch.float32 for p in self.params):
             self.store = self.pm.model
+            self.ema = self.params
+        elif buffers is not None and all(p.requires_grad for p in student_params):
+            self.sharded = DPShardedEMA(cfg, buffers, student_params, self.params,
+                                        buffers[0].data_parallel_group)
+            self.store = self.sharded.checkpoint_module()
         else:
             self.store = build_stage(dataclasses.replace(cfg, bf16=False, fp8_format=None))
             self.store.requires_grad_(False)
-        self.ema = list(self.store.parameters())
+            self.ema = list(self.store.parameters())
         self.reset_to(student)
 
     @torch.no_grad()
     def reset_to(self, student) -> None:
         """Teacher = student (the start of a LoopRPT run)."""
-        copy_params_(self.ema, [p.detach().float() for p in student.model.parameters()])
+        if self.sharded is not None:
+            self.sharded.reset_to_student()
+        else:
+            copy_params_(self.ema, [p.detach().float() for p in student.model.parameters()])
         self.publish()
 
     @torch.no_grad()
     def publish(self) -> None:
         """Refresh the compute weights from the EMA state (after an update or a load)."""
-        if self.store is not self.pm.model:
+        if self.sharded is not None:
+            self.sharded.publish()
+        elif self.store is not self.pm.model:
             copy_params_(self.params, [e.to(p.dtype) for e, p in zip(self.ema, self.params)])
 
     @torch.no_grad()
     def update(self, student, decay: float) -> None:
-        ema_update_(self.ema, [p.detach().float() for p in student.model.parameters()], decay)
+        if self.sharded is not None:
+            self.sharded.update(decay)
+        else:
+            ema_update_(self.ema, [p.detach().float() for p in student.model.parameters()], decay)
         self.publish()
+
+    def ema_state_bytes(self) -> int:
+        """Bytes of fp32 EMA state this rank holds beyond the teacher's compute weights."""
+        if self.sharded is not None:
+            return self.sharded.nbytes()
+        if self.store is self.pm.model:
+            return 0
+        return sum(e.numel() * e.element_size() for e in self.ema)
 
     def sharded_state_dict(self, prefix: str = "teacher."):
         return self.store.sharded_state_dict(prefix=prefix)
