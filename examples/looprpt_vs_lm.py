@@ -31,18 +31,40 @@ def parse():
     return p.parse_args()
 
 
-def continue_from_stage1(common, stage1, out, iters, extra):
+TRACKER = "latest_checkpointed_iteration.txt"
+# The objective of each method; both continue with the same schedule (continuation_flags).
+METHOD_FLAGS = {"lm": [], "looprpt": ["--rl-algo", "looprpt", "--rl-num-rollouts", "4"]}
+
+
+def continuation_flags(stage1, out, iters, method, save_interval=None):
+    """Continue the stage-1 checkpoint for ``iters`` iterations with ``method`` (a METHOD_FLAGS
+    key) into ``out``: from the stage-1 weights with a fresh optimizer (--finetune), or, when
+    ``out`` already holds a checkpoint of this run (an interrupted one), resuming from it."""
+    resume = os.path.exists(os.path.join(out, TRACKER))
+    return [
+        "--train-iters", str(iters), "--lr", "3e-4", "--min-lr", "3e-5", "--lr-warmup-iters", str(min(5, iters // 2)),
+        *(["--load", out] if resume else ["--load", stage1, "--finetune"]),
+        "--save", out, *([] if save_interval is None else ["--save-interval", str(save_interval)]),
+        "--log-json", os.path.join(out, "log.jsonl"), *METHOD_FLAGS[method],
+    ]
+
+
+def evaluate_command(load, output_dir, eval_iters, compare=None, reference=None, launcher=None, extra=()):
+    """tools/evaluate.py's command line (``launcher``: the prefix that starts it, default this
+    Python)."""
+    return [*(launcher or [sys.executable]), os.path.join(ROOT, "tools", "evaluate.py"), "--load", load,
+            *(["--compare", compare] if compare else []), *(["--reference", reference] if reference else []),
+            "--eval-iters", str(eval_iters), "--output-dir", output_dir, *extra]
+
+
+def continue_from_stage1(common, stage1, out, iters, method):
     from megatron_looprpt.arguments import parse_args
     from megatron_looprpt.training.loop import pretrain
 
-    if os.path.exists(os.path.join(out, "latest_checkpointed_iteration.txt")):
+    if os.path.exists(os.path.join(out, TRACKER)):
         print(f"[experiment] reusing {out}")
         return
-    pretrain(parse_args(common + [
-        "--train-iters", str(iters), "--lr", "3e-4", "--min-lr", "3e-5", "--lr-warmup-iters", "5",
-        "--load", stage1, "--finetune", "--save", out, "--log-json", os.path.join(out, "log.jsonl"),
-        *extra,
-    ]))
+    pretrain(parse_args(common + continuation_flags(stage1, out, iters, method)))
 
 
 def main():
@@ -50,7 +72,7 @@ def main():
     from megatron_looprpt import quickstart
 
     stage1 = os.path.join(a.root, "stage1")
-    if not os.path.exists(os.path.join(stage1, "latest_checkpointed_iteration.txt")):
+    if not os.path.exists(os.path.join(stage1, TRACKER)):
         os.environ["LOOPRPT_QUICKSTART_DIR"] = a.root
         quickstart.run_quickstart()
     tokenizer, prefixes = quickstart._prepare_data(a.root)
@@ -58,17 +80,15 @@ def main():
     out = os.path.join(a.root, "looprpt_vs_lm")
     lm_dir, rl_dir = os.path.join(out, "lm"), os.path.join(out, "looprpt")
     print(f"[experiment] continued LM pre-training, {a.iters} iterations from {stage1}")
-    continue_from_stage1(common, stage1, lm_dir, a.iters, [])
+    continue_from_stage1(common, stage1, lm_dir, a.iters, "lm")
     print(f"[experiment] LoopRPT, {a.iters} iterations from {stage1}")
-    continue_from_stage1(common, stage1, rl_dir, a.iters,
-                         ["--rl-algo", "looprpt", "--rl-num-rollouts", "4"])
+    continue_from_stage1(common, stage1, rl_dir, a.iters, "looprpt")
     from megatron_looprpt import parallel
 
     parallel.destroy()
     eval_dir = os.path.join(out, "evaluation")
-    subprocess.run([sys.executable, os.path.join(ROOT, "tools", "evaluate.py"), "--load", lm_dir,
-                    "--compare", rl_dir, "--reference", stage1, "--eval-iters", str(a.eval_iters),
-                    "--output-dir", eval_dir], check=True, env={**os.environ, "PYTHONPATH": ROOT})
+    subprocess.run(evaluate_command(lm_dir, eval_dir, a.eval_iters, compare=rl_dir, reference=stage1),
+                   check=True, env={**os.environ, "PYTHONPATH": ROOT})
     report = render(json.load(open(os.path.join(eval_dir, "evaluation.json"))), a.iters)
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write(report)

@@ -56,6 +56,17 @@ def _common_flags(tokenizer: str, prefixes: list) -> list:
     ]
 
 
+def stage1_flags(save_dir: str, iters: int, warmup: int = 20, interval: int = 100) -> list:
+    """Stage-1 LM pre-training into ``save_dir``, resuming from it when it holds a checkpoint:
+    checkpoints (and validation passes) every ``interval`` iterations."""
+    return [
+        "--train-iters", str(iters), "--lr", "3e-3", "--min-lr", "3e-4",
+        "--lr-warmup-iters", str(warmup), "--eval-interval", str(interval),
+        "--save", save_dir, "--load", save_dir, "--save-interval", str(interval),
+        "--log-json", os.path.join(save_dir, "log.jsonl"),
+    ]
+
+
 def _last_record(json_path: str) -> dict:
     last, valid = {}, {}
     with open(json_path) as f:
@@ -78,12 +89,7 @@ def run_quickstart() -> dict:
     rl_dir = os.path.join(root, "looprpt")
     start = time.time()
     print(f"[quickstart] stage 1: pre-training a tiny looped model for {STAGE1_ITERS} iterations")
-    pretrain(parse_args(common + [
-        "--train-iters", str(STAGE1_ITERS), "--lr", "3e-3", "--min-lr", "3e-4",
-        "--lr-warmup-iters", "20", "--eval-interval", "100",
-        "--save", stage1_dir, "--load", stage1_dir, "--save-interval", "100",
-        "--log-json", os.path.join(stage1_dir, "log.jsonl"),
-    ]))
+    pretrain(parse_args(common + stage1_flags(stage1_dir, STAGE1_ITERS)))
     stage1_time = time.time() - start
 
     start = time.time()

@@ -35,7 +35,8 @@ def write_json(report: dict, output_dir: str) -> str:
 # plots
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend, or None when matplotlib is not installed."""
     try:
         import matplotlib
     except ImportError:
@@ -48,7 +49,7 @@ def _pyplot():
 
 def write_plots(report: dict, output_dir: str) -> Optional[List[str]]:
     """The PNG files written, or None when matplotlib is not installed."""
-    plt = _pyplot()
+    plt = pyplot()
     if plt is None:
         return None
     os.makedirs(output_dir, exist_ok=True)
@@ -74,22 +75,28 @@ def _plot_per_step(plt, report: dict, path: str) -> None:
     ax.set_ylabel("next-token accuracy")
     ax.set_xticks(steps)
     ax.set_title(f"Accuracy per loop step by difficulty ({report['difficulty']['thresholds']} nats)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(plt, fig, path)
 
 
 def _plot_exit_tradeoff(plt, report: dict, path: str) -> None:
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    for model, (line, marker, color) in zip(report["models"], _MODEL_STYLES):
-        label = model_label(model)
+    draw_exit_tradeoff(ax, report["models"])
+    ax.set_title("Accuracy vs compute (Q-exit thresholds annotated)")
+    save_figure(plt, fig, path)
+
+
+def draw_exit_tradeoff(ax, models: List[dict], labels: Optional[List[str]] = None,
+                       styles=_MODEL_STYLES, annotate: bool = True) -> None:
+    """Each model's Q-exit sweep, fixed-depth points and Pareto frontier on one axes: accuracy
+    against average loop steps per token."""
+    for i, (model, (line, marker, color)) in enumerate(zip(models, styles)):
+        label = model_label(model) if labels is None else labels[i]
         sweep = [p for p in model["q_sweep"] if p["accuracy"] is not None]
         ax.plot([p["avg_steps"] for p in sweep], [p["accuracy"] for p in sweep], linestyle="none",
                 marker=marker, color=color, alpha=0.6, label=f"Q-exit sweep — {label}")
-        for (x, y), qs in _thresholds_by_point(sweep).items():
-            ax.annotate(",".join(qs), (x, y), fontsize=6, textcoords="offset points", xytext=(3, 3))
+        if annotate:
+            for (x, y), qs in _thresholds_by_point(sweep).items():
+                ax.annotate(",".join(qs), (x, y), fontsize=6, textcoords="offset points", xytext=(3, 3))
         fixed = [s for s in model["per_step"] if s["accuracy"] is not None]
         ax.plot([s["step"] for s in fixed], [s["accuracy"] for s in fixed], linestyle="none",
                 marker="x", color=color, label=f"fixed depth — {label}")
@@ -98,9 +105,14 @@ def _plot_exit_tradeoff(plt, report: dict, path: str) -> None:
                 color=color, label=f"Pareto frontier — {label}")
     ax.set_xlabel("average loop steps per token")
     ax.set_ylabel("next-token accuracy")
-    ax.set_title("Accuracy vs compute (Q-exit thresholds annotated)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+
+
+def save_figure(plt, fig, path: str, legend_size: int = 7) -> None:
+    """Grid and legend on every axes, then write the PNG and free the figure."""
+    for ax in fig.axes:
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=legend_size)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
