@@ -190,11 +190,14 @@ class LoopedGPTModel(LanguageModule):
         labels: Optional[torch.Tensor] = None,
         loop_step: Optional[int] = None,
         head: HeadRequest = HeadRequest(),
+        inference_contexts: Optional[list] = None,
     ):
         """Run all loop steps (``loop_step=None``) or one step of this pipeline stage.
 
         Returns a ``LoopedOutput`` where the last step's head runs, otherwise the hidden state
-        [s, b, h] to hand to the next stage.
+        [s, b, h] to hand to the next stage. ``inference_contexts``: one megatron-core inference
+        context (KV cache) per loop step, for generation (``inference/generation.py``); the
+        positions given are appended at the caches' offset.
         """
         steps = range(self.loop_steps) if loop_step is None else [loop_step]
         if self.pre_process and steps[0] == 0:
@@ -202,13 +205,17 @@ class LoopedGPTModel(LanguageModule):
         else:
             hidden = self.input_tensor
         seq_len = input_ids.shape[1] if input_ids is not None else labels.shape[1]
+        if inference_contexts is not None:
+            # the whole cache's positions: megatron-core's attention slices them at its offset
+            seq_len = inference_contexts[0].max_sequence_length
         rotary_pos_emb = self.rotary_pos_emb(seq_len)
         labels_sb = labels.transpose(0, 1).contiguous() if labels is not None else None
 
         output = LoopedOutput()
         for step in steps:
             hidden = self.decoder(
-                hidden_states=hidden, attention_mask=attention_mask, rotary_pos_emb=rotary_pos_emb
+                hidden_states=hidden, attention_mask=attention_mask, rotary_pos_emb=rotary_pos_emb,
+                inference_context=None if inference_contexts is None else inference_contexts[step],
             )
             if not self.post_process:
                 continue
