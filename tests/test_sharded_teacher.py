@@ -2,8 +2,6 @@
 replicated otherwise; equal to the EMA computed directly; checkpointed in a form that loads
 under either."""
 
-import json
-
 import pytest
 
 from tests.torchrun import run_json

@@ -27,7 +27,6 @@ _AUTO_MAP = {
     "AutoModel": "modeling_ouro.OuroModel",
     "AutoModelForCausalLM": "modeling_ouro.OuroForCausalLM",
 }
-DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 
 @dataclass

@@ -13,7 +13,7 @@ from typing import Callable, Dict, Optional
 
 import torch
 
-from megatron_looprpt.conversion.architecture import DTYPE_NAMES, ConversionError
+from megatron_looprpt.conversion.architecture import ConversionError
 from megatron_looprpt.conversion.hf_format import HFLoader, asset_files, parse_size, save_hf
 from megatron_looprpt.conversion.mcore_format import McoreLoader, save_mcore
 from megatron_looprpt.training.checkpointing import resolve_checkpoint
@@ -121,4 +121,4 @@ def convert(o: ConvertOptions) -> str:
             parallel.destroy()
 
 
-__all__ = ["ConvertOptions", "ConversionError", "DTYPE_NAMES", "LOADERS", "SAVERS", "check_options", "convert"]
+__all__ = ["ConvertOptions", "ConversionError", "LOADERS", "SAVERS", "check_options", "convert"]
