@@ -185,9 +185,12 @@ def _forward_pipelined(pm, chunk, positions, reader, cache, vocab_size, cfg, gen
 
 
 @torch.no_grad()
-def generate(pm, prompts: Sequence[Sequence[int]], vocab_size: int, cfg: SamplingConfig) -> GenerationOutput:
+def generate(pm, prompts: Sequence[Sequence[int]], vocab_size: int, cfg: SamplingConfig,
+             row_seeds: Optional[Sequence[int]] = None) -> GenerationOutput:
     """Sample continuations of ``prompts`` (token ids) from ``pm`` (a PipelinedModel, any TP/PP
-    layout; every rank calls this and every rank gets the same output)."""
+    layout; every rank calls this and every rank gets the same output). ``row_seeds``: one seed
+    per prompt (default: derived from ``cfg.seed`` and the row), so that a prompt's samples can
+    be made independent of which data-parallel rank and batch row it lands on."""
     model = pm.model
     if model.config.sequence_parallel:
         raise ValueError("generation decodes one position at a time: run it without sequence parallelism")
@@ -211,7 +214,12 @@ def generate(pm, prompts: Sequence[Sequence[int]], vocab_size: int, cfg: Samplin
     in_prompt = torch.arange(total).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)  # [b, total]
 
     reader = _Reader(model.loop_steps, cfg)
-    generators = [torch.Generator().manual_seed(cfg.seed * 1_000_003 + row) for row in range(batch)]
+    if row_seeds is None:
+        row_seeds = [cfg.seed * 1_000_003 + row for row in range(len(prompts))]
+    elif len(row_seeds) != len(prompts):
+        raise ValueError(f"{len(row_seeds)} row seeds for {len(prompts)} prompts")
+    seeds = list(row_seeds) + [row_seeds[0]] * (batch - len(prompts))
+    generators = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
     cache = LoopKVCache(model.loop_steps, batch, total) if cfg.use_cache else None
     forward = _forward_whole if pp == 1 else _forward_pipelined
     out = GenerationOutput([[] for _ in padded], [[] for _ in padded], [[] for _ in padded])

@@ -1,0 +1,180 @@
+"""GRPO with verifiable rewards, and RLTT, on the sharded looped model.
+
+One step: every data-parallel rank takes its share of the step's prompts and samples G answers
+for each (``inference/generation.py``, the last loop step's distribution, one seed per global
+(prompt, sample) so that the rollouts do not depend on the layout); a reward function scores
+them (``rl/verifier.py`` by default); advantages are the rewards normalised within each prompt's
+group of G; prompt + answer sequences become training micro-batches whose loss covers the answer
+tokens only; a frozen reference model (an ``EMATeacher`` that is never updated, so sharded like
+the student) gives the reference log-probabilities; then one clipped-surrogate update with a k3
+KL penalty, token-averaged over the global batch by megatron-core's per-token loss.
+
+The log-probability of an answer token is sum_t w_t log P_t(token) over the T loop steps: GRPO
+reads the last step only, w = (0, ..., 0, 1); RLTT weights every step, uniformly or
+progressively (w_t proportional to t). Each batch of rollouts is used for one update, so the
+sampling policy is the current one: the ratio is 1 in value and the surrogate's gradient is
+A * grad log pi (clipping starts to matter with several updates per batch, which this does not do).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable, Deque, Dict, List, Optional, Sequence
+
+import torch
+
+from megatron_looprpt.inference.generation import SamplingConfig, generate
+from megatron_looprpt.models.looped_gpt import HeadRequest
+from megatron_looprpt.rl.looprpt_loss import TeacherOutputs
+from megatron_looprpt.rl.verifier import reward as verify
+from megatron_looprpt.training.step import to_device, train_step
+
+RLTT_WEIGHTS = ("last", "uniform", "progressive")
+
+
+@dataclass(frozen=True)
+class GRPOConfig:
+    num_samples: int = 4               # G answers per prompt
+    max_new_tokens: int = 48
+    temperature: float = 1.0
+    top_p: float = 1.0
+    clip_eps: float = 0.2
+    kl_coef: float = 0.01
+    step_weights: str = "last"         # GRPO: "last"; RLTT: "uniform", "progressive" or "w1,...,wT"
+    seed: int = 1234
+
+    def check(self) -> None:
+        if self.num_samples < 2:
+            raise ValueError(f"num_samples must be >= 2 (advantages are relative to the group), got {self.num_samples}")
+
+    def weights(self, loop_steps: int) -> torch.Tensor:
+        return step_weights(self.step_weights, loop_steps)
+
+
+def step_weights(kind: str, loop_steps: int) -> torch.Tensor:
+    """w_t over the T loop steps, normalised to sum to 1: "last", "uniform", "progressive"
+    (w_t proportional to t) or explicit comma-separated weights, one per step."""
+    if kind == "last":
+        weights = torch.zeros(loop_steps)
+        weights[-1] = 1.0
+    elif kind == "uniform":
+        weights = torch.ones(loop_steps)
+    elif kind == "progressive":
+        weights = torch.arange(1, loop_steps + 1, dtype=torch.float32)
+    else:
+        try:
+            weights = torch.tensor([float(w) for w in kind.split(",")])
+        except ValueError:
+            raise ValueError(f"step weights {kind!r}: choose one of {', '.join(RLTT_WEIGHTS)} or give "
+                             "comma-separated numbers") from None
+        if weights.numel() != loop_steps or (weights < 0).any() or weights.sum() <= 0:
+            raise ValueError(f"step weights {kind!r}: give {loop_steps} non-negative numbers, not all zero")
+    return weights / weights.sum()
+
+
+def group_advantages(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Rewards [P, G] -> advantages [P, G]: (r - group mean) / (group std + eps)."""
+    mean = rewards.mean(dim=-1, keepdim=True)
+    std = rewards.std(dim=-1, unbiased=False, keepdim=True)
+    return (rewards - mean) / (std + eps)
+
+
+def grpo_token_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor,
+                    advantages: torch.Tensor, mask: torch.Tensor, clip_eps: float, kl_coef: float):
+    """Per-token clipped surrogate and k3 KL(pi || ref) ([b, s] each, advantages [b]); returns
+    (loss summed over masked tokens, {"pg": sum, "kl": sum})."""
+    ratio = torch.exp(logp - old_logp)
+    adv = advantages.unsqueeze(-1)
+    surrogate = torch.minimum(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)
+    log_ref_ratio = ref_logp - logp
+    kl = torch.exp(log_ref_ratio) - log_ref_ratio - 1
+    mask = mask.to(logp.dtype)
+    pg = (-surrogate * mask).sum()
+    kl_sum = (kl * mask).sum()
+    return pg + kl_coef * kl_sum, {"pg": pg.detach(), "kl": kl_sum.detach()}
+
+
+def grpo_objective(batch, reference: TeacherOutputs, cfg: GRPOConfig, output):
+    step_logp = output.stack("label_logprobs")                            # [T, b, s]
+    weights = cfg.weights(step_logp.shape[0]).to(step_logp)
+    logp = torch.einsum("t,tbs->bs", weights, step_logp)
+    ref_logp = torch.einsum("t,tbs->bs", weights, reference.logp.to(step_logp))
+    mask = batch["loss_mask"]
+    loss, terms = grpo_token_loss(logp, logp.detach(), ref_logp, batch["advantages"], mask,
+                                  cfg.clip_eps, cfg.kl_coef)
+    metrics = {"grpo_reward": batch["rewards"].sum(), "grpo_sequences": torch.tensor(float(mask.shape[0])),
+               "grpo_answer_tokens": mask.sum(), "grpo_pg_loss": terms["pg"], "grpo_kl": terms["kl"]}
+    return loss, mask.sum().to(torch.int), metrics
+
+
+def _forward_step(references: Deque[TeacherOutputs], cfg: GRPOConfig):
+    head = HeadRequest(label_logprobs=True)
+
+    def forward_step(data_iterator, model):
+        batch = to_device(next(data_iterator))
+        output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"], head=head)
+        return output, lambda out: grpo_objective(batch, references.popleft(), cfg, out)
+
+    return forward_step
+
+
+def training_batches(prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]],
+                     advantages: torch.Tensor, rewards: torch.Tensor, seq_length: int,
+                     micro_batch_size: int) -> List[Dict[str, torch.Tensor]]:
+    """Prompt + answer sequences as next-token micro-batches of ``seq_length``; the loss mask
+    covers the positions whose label is an answer token."""
+    rows = len(prompts)
+    if rows % micro_batch_size:
+        raise ValueError(f"{rows} sequences do not split into micro-batches of {micro_batch_size}")
+    tokens = torch.zeros(rows, seq_length, dtype=torch.long)
+    labels = torch.zeros(rows, seq_length, dtype=torch.long)
+    mask = torch.zeros(rows, seq_length)
+    for row, (prompt, answer) in enumerate(zip(prompts, answers)):
+        sequence = list(prompt) + list(answer)
+        if len(sequence) - 1 > seq_length:
+            raise ValueError(f"a prompt of {len(prompt)} tokens plus its answer of {len(answer)} exceeds "
+                             f"--seq-length {seq_length}")
+        tokens[row, :len(sequence) - 1] = torch.tensor(sequence[:-1])
+        labels[row, :len(sequence) - 1] = torch.tensor(sequence[1:])
+        mask[row, len(prompt) - 1:len(sequence) - 1] = 1.0
+    positions = torch.arange(seq_length).expand(micro_batch_size, -1)
+    return [{"tokens": tokens[i:i + micro_batch_size], "labels": labels[i:i + micro_batch_size],
+             "loss_mask": mask[i:i + micro_batch_size], "position_ids": positions,
+             "advantages": advantages[i:i + micro_batch_size], "rewards": rewards[i:i + micro_batch_size]}
+            for i in range(0, rows, micro_batch_size)]
+
+
+def grpo_train_step(pm, optimizer, scheduler, reference, problems: Sequence, first_index: int, tokenizer,
+                    vocab_size: int, cfg: GRPOConfig, seq_length: int, micro_batch_size: int,
+                    global_batch_size: int, reward_fn: Optional[Callable[[str, object], float]] = None):
+    """One GRPO / RLTT step on this data-parallel rank's ``problems`` (objects with ``render()``
+    and ``answer``; the first has global index ``first_index``). ``global_batch_size`` counts
+    sequences (prompts x G) over all ranks. ``reward_fn(answer_text, problem)`` defaults to the
+    math verifier. Returns reduced metric sums (see grpo_record)."""
+    cfg.check()
+    cfg.weights(pm.model.loop_steps)  # refuse bad weights before sampling
+    reward_fn = reward_fn or (lambda text, problem: verify(text, problem.answer))
+    prompts = [tokenizer.tokenize(p.render()) for p in problems]
+    rows = [prompt for prompt in prompts for _ in range(cfg.num_samples)]
+    seeds = [cfg.seed * 1_000_003 + (first_index + i) * cfg.num_samples + g
+             for i in range(len(prompts)) for g in range(cfg.num_samples)]
+    sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                              top_p=cfg.top_p, stop_tokens=(tokenizer.eod,))
+    answers = generate(pm, rows, vocab_size, sampling, row_seeds=seeds).tokens
+    rewards = torch.tensor([reward_fn(tokenizer.detokenize(answer), problems[row // cfg.num_samples])
+                            for row, answer in enumerate(answers)], dtype=torch.float32)
+    advantages = group_advantages(rewards.view(-1, cfg.num_samples)).flatten()
+    batches = training_batches(rows, answers, advantages, rewards, seq_length, micro_batch_size)
+    references = deque(reference.run(batches))
+    return train_step(pm, optimizer, scheduler, batches, _forward_step(references, cfg), global_batch_size)
+
+
+def grpo_record(metrics: Dict[str, torch.Tensor]) -> dict:
+    sequences = max(metrics["grpo_sequences"].item(), 1.0)
+    tokens = max(metrics["grpo_answer_tokens"].item(), 1.0)
+    return {"reward_mean": metrics["grpo_reward"].item() / sequences,
+            "answer_length": tokens / sequences,
+            "pg_loss": metrics["grpo_pg_loss"].item() / tokens,
+            "kl": metrics["grpo_kl"].item() / tokens,
+            "grad_norm": metrics["grad_norm"].item()}

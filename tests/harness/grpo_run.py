@@ -1,0 +1,75 @@
+"""One GRPO / RLTT step of a tiny looped model under a given layout; dumps its metrics (torchrun).
+
+The prompts are generated problems, tokenised as bytes; the reward is a fixed function of the
+sampled answer's token ids (a random-init model never answers a problem right, so the verifier
+would give every answer 0 and every advantage 0)."""
+
+import argparse
+import json
+
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from megatron_looprpt import parallel
+from megatron_looprpt.data.prompts import generate_problems
+from megatron_looprpt.models.builder import LoopedModelConfig
+from megatron_looprpt.rl.grpo import GRPOConfig, grpo_record, grpo_train_step
+from megatron_looprpt.rl.teacher import EMATeacher
+from megatron_looprpt.training.setup import OptimConfig, build_model, build_optimizer
+
+
+class ByteTokenizer:
+    """ASCII bytes; 255 is the end of document. 256 ids pad alike under TP=1 and TP=2."""
+
+    vocab_size, eod, pad = 256, 255, -1
+
+    def tokenize(self, text):
+        return list(text.encode("ascii", errors="replace"))[-24:]  # the prompt's end: short sequences
+
+    def detokenize(self, ids):
+        return bytes(i for i in ids if i < 255).decode("latin-1")
+
+
+def parity_reward(text, problem):
+    return float(sum(text.encode("latin-1")) % 2)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--dist-opt", action="store_true")
+    p.add_argument("--weights", default="last")
+    p.add_argument("--out", required=True)
+    a = p.parse_args()
+    parallel.initialize(a.tp, a.pp, seed=7)
+    dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
+    prompts_per_step, samples, micro, seq = 4, 4, 4, 40
+    cfg = LoopedModelConfig(
+        num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=96,
+        vocab_size=256, max_position_embeddings=64, loop_steps=2, tensor_parallel=a.tp,
+        pipeline_parallel=a.pp, make_vocab_size_divisible_by=64, untie_embeddings_and_output_weights=True,
+    )
+    global_batch = prompts_per_step * samples
+    pm = build_model(cfg, seed=11, use_distributed_optimizer=a.dist_opt)
+    optimizer, scheduler = build_optimizer(pm, cfg, OptimConfig(
+        lr=1e-3, min_lr=1e-4, lr_warmup_iters=0, lr_decay_iters=10, global_batch_size=global_batch,
+        use_distributed_optimizer=a.dist_opt))
+    reference = EMATeacher(cfg, pm, seed=11)
+    grpo = GRPOConfig(num_samples=samples, max_new_tokens=12, kl_coef=0.1, step_weights=a.weights, seed=3)
+    problems = generate_problems(2 * prompts_per_step, seed=5)
+    records = []
+    for step in range(2):
+        per_rank = prompts_per_step // dp
+        first = step * prompts_per_step + dp_rank * per_rank
+        metrics = grpo_train_step(pm, optimizer, scheduler, reference, problems[first:first + per_rank], first,
+                                  ByteTokenizer(), 256, grpo, seq, micro, global_batch, reward_fn=parity_reward)
+        records.append(grpo_record(metrics))
+    if dist.get_rank() == 0:
+        with open(a.out, "w") as f:
+            json.dump(records, f)
+    parallel.destroy()
+
+
+if __name__ == "__main__":
+    main()
