@@ -317,6 +317,7 @@ def test_load_errors_are_one_line(single_ref, tmp_path, single_process_parallel)
     _, _, pm2, optimizer2, scheduler2, _ = build()
     loaded = load_checkpoint(str(ref_ckpt), pm2, optimizer2, scheduler2, load_optim=False)
     assert not loaded.optimizer_loaded
+    assert scheduler2.num_steps == 0  # nor its schedule: --finetune starts the run's own
     assert all(torch.equal(a, b) for a, b in zip(pm.model.parameters(), pm2.model.parameters()))
 
     # a plain-optimizer checkpoint cannot fill a distributed optimizer, but its model can

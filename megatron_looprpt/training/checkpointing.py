@@ -689,10 +689,10 @@ def write_checkpoint(save_dir: str, iteration: int, sharded: Dict[str, Any], met
 def load_checkpoint(load_dir: str, pm, optimizer, scheduler, load_optim: bool = True,
                     load_rng: bool = True,
                     extra_models: Optional[Dict[str, Any]] = None) -> Optional[LoadedCheckpoint]:
-    """Restore model (and optimizer, scheduler, RNG) from ``load_dir``; None if it holds no
-    checkpoint. Collective. The current layout may differ from the saved one: megatron-core
-    reads each rank's slices of the global tensors. RNG states are restored only under the same
-    layout (skipped with a warning otherwise). ``extra_models`` (name -> module) are restored
+    """Restore model (optimizer and scheduler unless ``load_optim`` is False, and RNG) from
+    ``load_dir``; None if it holds no checkpoint. Collective. The current layout may differ from
+    the saved one: megatron-core reads each rank's slices of the global tensors. RNG states are
+    restored only under the same layout (skipped with a warning otherwise). ``extra_models`` (name -> module) are restored
     when the checkpoint holds them (``LoadedCheckpoint.extra_models`` lists those) and left as
     they are otherwise."""
     extra_models = _check_extra_models(extra_models)
@@ -766,7 +766,9 @@ def load_checkpoint(load_dir: str, pm, optimizer, scheduler, load_optim: bool = 
     elif optimizer is not None and hasattr(optimizer, "reload_model_params"):
         # mixed precision: main (fp32) params start from the loaded model params
         optimizer.reload_model_params()
-    if scheduler is not None and "scheduler" in loaded:
+    # the schedule belongs with the optimizer state: a fresh optimizer (load_optim=False, as
+    # --finetune and --no-load-optim ask) starts the run's own schedule from its beginning
+    if load_optim and scheduler is not None and "scheduler" in loaded:
         scheduler.load_state_dict(loaded["scheduler"])
     if restore_rng:
         set_rng_state(loaded[_RNG_KEY])
