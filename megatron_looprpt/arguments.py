@@ -157,8 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-progress-bar", action="store_true", help="no progress bar even on a terminal")
 
     g = p.add_argument_group("rl")
-    g.add_argument("--rl-algo", choices=["none", "looprpt"], default="none",
-                   help="looprpt: reinforcement pre-training on the loop steps; none: plain pre-training")
+    g.add_argument("--rl-algo", choices=["none", "looprpt", "grpo", "rltt"], default="none",
+                   help="looprpt: reinforcement pre-training on the loop steps; grpo / rltt: token-level RL "
+                        "with verifiable rewards on --prompt-data; none: plain pre-training")
     g.add_argument("--rl-hard-token-ratio", type=float, default=0.2,
                    help="fraction of each sequence's tokens (highest teacher entropy) the RL terms use")
     g.add_argument("--rl-num-rollouts", type=int, default=8, help="G noisy latent rollouts per token")
@@ -175,6 +176,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--rl-model-coef", type=float, default=1.0, help="weight of the advantage-weighted backbone CE")
     g.add_argument("--rl-entropy-coef", type=float, default=0.01, help="weight of the exit-distribution entropy bonus")
     g.add_argument("--rl-kl-coef", type=float, default=0.001, help="weight of the k3 KL to the teacher")
+
+    g = p.add_argument_group("token-level rl (grpo, rltt)")
+    g.add_argument("--prompt-data", default=None,
+                   help='JSONL of {"problem", "answer"} (default: a generated arithmetic/word-problem set)')
+    g.add_argument("--num-generated-prompts", type=int, default=10000,
+                   help="size of the generated default prompt set")
+    g.add_argument("--grpo-num-samples", type=int, default=4,
+                   help="G answers per prompt; --global-batch-size counts answers (prompts x G)")
+    g.add_argument("--max-new-tokens", type=int, default=64, help="longest sampled answer")
+    g.add_argument("--sampling-temperature", type=float, default=1.0, help="temperature of the rollouts")
+    g.add_argument("--sampling-top-p", type=float, default=1.0, help="nucleus of the rollouts")
+    g.add_argument("--grpo-clip-eps", type=float, default=0.2, help="ratio clip of the surrogate")
+    g.add_argument("--grpo-kl-coef", type=float, default=0.01, help="weight of the k3 KL to the frozen reference")
+    g.add_argument("--rltt-weights", default="uniform",
+                   help="RLTT's loop-step weights of the log-probability: uniform, progressive or w1,...,wT")
     return p
 
 
@@ -315,8 +331,10 @@ def _validate_precision(args) -> None:
 
 
 def _validate_rl(args) -> None:
-    # The RL flags mean nothing without --rl-algo looprpt, so only then are they checked.
-    if args.rl_algo == "none":
+    # The RL flags mean nothing without their --rl-algo, so only then are they checked.
+    if args.rl_algo in ("grpo", "rltt"):
+        _validate_token_rl(args)
+    if args.rl_algo != "looprpt":
         return
     _require(0.0 < args.rl_hard_token_ratio <= 1.0,
              f"--rl-hard-token-ratio {args.rl_hard_token_ratio} must be in (0, 1]")
@@ -328,6 +346,34 @@ def _validate_rl(args) -> None:
     if args.rl_noise_type == "dropout":
         _require(args.rl_latent_noise_std < 1.0,
                  "--rl-latent-noise-std is the drop probability with --rl-noise-type dropout: use < 1")
+
+
+def _validate_token_rl(args) -> None:
+    g = args.grpo_num_samples
+    _require(g >= 2, f"--grpo-num-samples {g} must be >= 2: the advantage is relative to the group")
+    answers_per_rank = args.global_batch_size // args.data_parallel_size
+    _require(answers_per_rank % g == 0,
+             f"--global-batch-size {args.global_batch_size} gives {answers_per_rank} answers per data-parallel "
+             f"rank, not a multiple of --grpo-num-samples {g}: each rank samples whole groups")
+    _require(1 <= args.max_new_tokens < args.seq_length,
+             f"--max-new-tokens {args.max_new_tokens} must be in [1, --seq-length {args.seq_length})")
+    _require(args.sampling_temperature > 0, f"--sampling-temperature {args.sampling_temperature} must be > 0")
+    _require(0.0 < args.sampling_top_p <= 1.0, f"--sampling-top-p {args.sampling_top_p} must be in (0, 1]")
+    _require(args.tokenizer_type != "NullTokenizer",
+             "--rl-algo grpo/rltt samples text answers: give a real --tokenizer-type")
+    _require(not args.sequence_parallel, "--rl-algo grpo/rltt generates one position at a time: "
+                                         "drop --sequence-parallel")
+    if args.prompt_data is not None:
+        _require(os.path.isfile(args.prompt_data), f"--prompt-data {args.prompt_data} does not exist")
+    else:
+        _require(args.num_generated_prompts >= 1, "--num-generated-prompts must be >= 1")
+    if args.rl_algo == "rltt":
+        from megatron_looprpt.rl.grpo import step_weights
+
+        try:
+            step_weights(args.rltt_weights, args.loop_steps)
+        except ValueError as error:
+            raise ConfigError(f"--rltt-weights: {error}") from None
 
 
 def _validate_data(args) -> None:
@@ -343,7 +389,7 @@ def _validate_data(args) -> None:
     _require(args.make_vocab_size_divisible_by >= 1,
              f"--make-vocab-size-divisible-by must be >= 1, got {args.make_vocab_size_divisible_by}")
     _validate_split(args.split)
-    if args.mock_data:
+    if args.mock_data or args.rl_algo in ("grpo", "rltt"):  # token-level RL reads --prompt-data
         return
     _require(bool(args.data_path), "--data-path is required (or pass --mock-data for synthetic data)")
     for prefix in _data_prefixes(args.data_path):

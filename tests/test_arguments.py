@@ -209,6 +209,8 @@ def test_missing_load_directory_starts_from_scratch(tmp_path):
     (["--rl-algo", "looprpt", "--rl-ema-decay", "-0.1"], 1, "--rl-ema-decay"),
     (["--rl-algo", "looprpt", "--rl-noise-type", "dropout", "--rl-latent-noise-std", "1"], 1,
      "--rl-latent-noise-std"),
+    # GRPO / RLTT (MOCK's NullTokenizer is refused on its own; a real tokenizer file below)
+    (["--rl-algo", "grpo"], 1, "--rl-algo grpo/rltt samples text answers"),
     # data, checkpoint, logging
     (["--split", "90,x,1"], 1, "--split"),
     (["--split", "1,1,1,1"], 1, "--split"),
@@ -225,6 +227,24 @@ def test_layouts_that_divide_everything_pass():
                        "--pipeline-model-parallel-size", "8", "--sequence-parallel", "--micro-batch-size", "1",
                        "--global-batch-size", "1024", *MOCK], world_size=64)
     assert (args.data_parallel_size, args.num_microbatches) == (4, 256)
+
+
+@pytest.mark.parametrize("argv, world, flag", [
+    (["--grpo-num-samples", "1"], 1, "--grpo-num-samples 1 must be >= 2"),
+    (["--grpo-num-samples", "3", "--global-batch-size", "8"], 1, "not a multiple of --grpo-num-samples 3"),
+    (["--global-batch-size", "8", "--micro-batch-size", "1"], 4, "gives 2 answers per data-parallel rank"),
+    (["--max-new-tokens", "128", "--seq-length", "128"], 1, "--max-new-tokens 128"),
+    (["--sampling-top-p", "0"], 1, "--sampling-top-p"),
+    (["--sequence-parallel", "--tensor-model-parallel-size", "2"], 2, "drop --sequence-parallel"),
+    (["--prompt-data", "/nonexistent.jsonl"], 1, "--prompt-data /nonexistent.jsonl does not exist"),
+    (["--rl-algo", "rltt", "--rltt-weights", "1,2"], 1, "--rltt-weights: step weights '1,2'"),
+])
+def test_token_level_rl_arguments(tmp_path, argv, world, flag):
+    tokenizer = tmp_path / "tok.model"
+    tokenizer.write_bytes(b"")  # only its existence is checked here
+    argv = ["--rl-algo", "grpo", *argv] if "--rl-algo" not in argv else argv
+    assert flag in error_of(["--model-size", "tiny", "--tokenizer-type", "SentencePieceTokenizer",
+                             "--tokenizer-model", str(tokenizer), *argv], world_size=world)
 
 
 def test_rl_flags_are_checked_only_with_looprpt():

@@ -122,6 +122,34 @@ def test_looprpt_from_a_stage1_checkpoint_and_its_resume(corpus, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("algo", ["grpo", "rltt"])
+def test_token_level_rl_from_a_stage1_checkpoint_and_its_resume(corpus, tmp_path, algo):
+    """--rl-algo grpo/rltt on the generated prompt set, DP=2: the log's fields, and a resumed
+    run (reference model, prompt cursor, sampling seeds restored) repeats the uninterrupted one."""
+    stage1 = str(tmp_path / "stage1")
+    launch(1, flags(corpus, "--train-iters", "2", "--save", stage1))
+    rl_flags = ["--rl-algo", algo, "--grpo-num-samples", "4", "--max-new-tokens", "12",
+                "--micro-batch-size", "4", "--global-batch-size", "8", "--num-generated-prompts", "50"]
+    full, resumed = tmp_path / "full.jsonl", tmp_path / "resumed.jsonl"
+    launch(2, flags(corpus, *rl_flags, "--train-iters", "3", "--load", stage1, "--finetune",
+                    "--log-json", str(full)))
+    rl_ckpt = str(tmp_path / "rl")
+    launch(2, flags(corpus, *rl_flags, "--train-iters", "2", "--load", stage1, "--finetune",
+                    "--save", rl_ckpt, "--log-json", str(resumed)))
+    result = launch(2, flags(corpus, *rl_flags, "--train-iters", "3", "--load", rl_ckpt, "--save", rl_ckpt,
+                             "--log-json", str(resumed)))
+    expected, _ = records(full)
+    got, _ = records(resumed)
+    assert [r["iteration"] for r in got] == [1, 2, 3]
+    for e, g in zip(expected, got):
+        assert set(e) >= {"reward_mean", "answer_length", "pg_loss", "kl", "grad_norm", "lr"}
+        for key in ("reward_mean", "answer_length", "pg_loss", "kl", "grad_norm", "lr"):
+            assert e[key] == g[key], key
+        assert 1 <= e["answer_length"] <= 12 and 0 <= e["reward_mean"] <= 1
+    assert "reward mean" in result.stdout and "iteration      3/3" in result.stdout
+
+
+@pytest.mark.slow
 def test_load_of_another_shape_fails_before_building(corpus, tmp_path):
     ckpt = str(tmp_path / "ckpt")
     launch(1, flags(corpus, "--train-iters", "1", "--save", ckpt))

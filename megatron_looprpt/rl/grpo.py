@@ -155,7 +155,8 @@ def grpo_train_step(pm, optimizer, scheduler, reference, problems: Sequence, fir
     cfg.check()
     cfg.weights(pm.model.loop_steps)  # refuse bad weights before sampling
     reward_fn = reward_fn or (lambda text, problem: verify(text, problem.answer))
-    prompts = [tokenizer.tokenize(p.render()) for p in problems]
+    # a prompt keeps its last tokens so that prompt + answer fit in seq_length
+    prompts = [tokenizer.tokenize(p.render())[-(seq_length - cfg.max_new_tokens):] for p in problems]
     rows = [prompt for prompt in prompts for _ in range(cfg.num_samples)]
     seeds = [cfg.seed * 1_000_003 + (first_index + i) * cfg.num_samples + g
              for i in range(len(prompts)) for g in range(cfg.num_samples)]

@@ -25,6 +25,7 @@ from megatron_looprpt.training.logger import RunLogger
 from megatron_looprpt.training.objectives import lm_objective
 from megatron_looprpt.training.setup import OptimConfig, build_model, build_optimizer
 from megatron_looprpt.training.step import eval_step, make_forward_step, train_step
+from megatron_looprpt.training.token_rl import TokenRLRun
 
 
 def model_config(args, vocab_size: int) -> LoopedModelConfig:
@@ -142,7 +143,9 @@ def pretrain(args) -> dict:
     logger.info(_describe(pm, cfg, args))
 
     rl = LoopRPTRun(args, cfg, pm, vocab_size) if args.rl_algo == "looprpt" else None
-    extra_models = {"teacher": rl.teacher.store} if rl is not None else {}
+    token_rl = TokenRLRun(args, cfg, pm, tokenizer, vocab_size) if args.rl_algo in ("grpo", "rltt") else None
+    extra_models = ({"teacher": rl.teacher.store} if rl is not None else
+                    {"reference": token_rl.reference.store} if token_rl is not None else {})
     iteration, consumed_samples = 0, 0
     if args.load:
         loaded = checkpointing.load_checkpoint(
@@ -163,6 +166,15 @@ def pretrain(args) -> dict:
                 rl.teacher.publish()
             else:
                 rl.teacher.reset_to(pm)
+        if token_rl is not None:
+            # the reference is the policy token-level RL starts from, kept through resumes
+            if loaded is not None and "reference" in loaded.extra_models:
+                token_rl.reference.publish()
+            else:
+                token_rl.reference.reset_to(pm)
+    if token_rl is not None:
+        return _train_token_rl(args, token_rl, pm, optimizer, scheduler, logger, iteration,
+                               consumed_samples, extra_models)
 
     train_ds, valid_ds, _ = build_datasets(
         args.data_path, args.split, args.seq_length, args.seed, tokenizer,
@@ -226,6 +238,43 @@ def pretrain(args) -> dict:
     if args.save and iteration == args.train_iters and not (
         args.save_interval and iteration % args.save_interval == 0
     ):
+        save(iteration)
+    logger.close()
+    return {"iteration": iteration, "consumed_samples": consumed_samples, **last}
+
+
+def _train_token_rl(args, run, pm, optimizer, scheduler, logger, iteration: int, consumed_samples: int,
+                    extra_models) -> dict:
+    """The GRPO / RLTT loop: rollouts on prompts instead of batches of the corpus; checkpoints,
+    signals and logging as in pre-training."""
+
+    def save(at_iteration: int) -> None:
+        if args.save:
+            checkpointing.save_checkpoint(
+                args.save, at_iteration, pm, optimizer, scheduler,
+                state={"consumed_samples": consumed_samples}, args=vars(args), keep=args.ckpt_keep,
+                extra_models=extra_models,
+            )
+            logger.info(f" saved checkpoint at iteration {at_iteration} to {args.save}")
+
+    last = {}
+    saved_at = None
+    with checkpointing.SigtermHandler() as signals:
+        while iteration < args.train_iters:
+            last = run.step(optimizer, scheduler, consumed_samples)
+            iteration += 1
+            consumed_samples += args.global_batch_size
+            last = {"iteration": iteration, **last}
+            logger.iteration(last)
+            if not math.isfinite(last["pg_loss"]):
+                raise FloatingPointError(f"non-finite loss at iteration {iteration}")
+            if args.save_interval and iteration % args.save_interval == 0:
+                save(iteration)
+                saved_at = iteration
+            if signals.received():
+                logger.info(f" termination signal received: saving at iteration {iteration} and exiting")
+                break
+    if saved_at != iteration:
         save(iteration)
     logger.close()
     return {"iteration": iteration, "consumed_samples": consumed_samples, **last}

@@ -1,0 +1,42 @@
+"""The state of a GRPO / RLTT run (``--rl-algo grpo|rltt``): the frozen reference model, the
+prompts, and which of them each step and data-parallel rank takes."""
+
+from __future__ import annotations
+
+import time
+
+from megatron.core import parallel_state
+
+from megatron_looprpt.data.prompts import generate_problems, read_problems
+from megatron_looprpt.models.builder import LoopedModelConfig
+from megatron_looprpt.rl.grpo import GRPOConfig, grpo_record, grpo_train_step
+from megatron_looprpt.rl.teacher import EMATeacher
+
+
+class TokenRLRun:
+    def __init__(self, args, cfg: LoopedModelConfig, pm, tokenizer, vocab_size: int):
+        self.args, self.pm, self.tokenizer, self.vocab_size = args, pm, tokenizer, vocab_size
+        # frozen: an EMA teacher that is never updated, sharded like the student
+        self.reference = EMATeacher(cfg, pm, seed=args.seed)
+        self.problems = (read_problems(args.prompt_data) if args.prompt_data
+                         else generate_problems(args.num_generated_prompts, seed=args.seed))
+        self.cfg = GRPOConfig(
+            num_samples=args.grpo_num_samples, max_new_tokens=args.max_new_tokens,
+            temperature=args.sampling_temperature, top_p=args.sampling_top_p,
+            clip_eps=args.grpo_clip_eps, kl_coef=args.grpo_kl_coef,
+            step_weights="last" if args.rl_algo == "grpo" else args.rltt_weights, seed=args.seed,
+        )
+
+    def step(self, optimizer, scheduler, consumed_samples: int) -> dict:
+        """One step on this rank's prompts (the prompt order cycles through the set); returns
+        the log record's fields."""
+        args = self.args
+        dp = parallel_state.get_data_parallel_world_size()
+        per_rank = args.global_batch_size // self.cfg.num_samples // dp
+        first = consumed_samples // self.cfg.num_samples + parallel_state.get_data_parallel_rank() * per_rank
+        problems = [self.problems[(first + i) % len(self.problems)] for i in range(per_rank)]
+        start = time.time()
+        metrics = grpo_train_step(self.pm, optimizer, scheduler, self.reference, problems, first,
+                                  self.tokenizer, self.vocab_size, self.cfg, args.seq_length,
+                                  args.micro_batch_size, args.global_batch_size)
+        return {**grpo_record(metrics), "lr": metrics["lr"].item(), "elapsed_s": time.time() - start}
