@@ -128,3 +128,16 @@ def test_generate_tool_on_a_converted_checkpoint_matches_a_plain_pytorch_greedy_
                              env={**os.environ, "PYTHONPATH": ROOT}, timeout=300)
     assert refused.returncode == 2
     assert "pads the vocabulary to 128, the checkpoint has 256" in refused.stderr.strip().splitlines()[-1]
+
+
+def test_a_prompts_samples_do_not_depend_on_the_prompts_batched_with_it(single_process_parallel):
+    """Rows inside their prompt draw no random numbers, so a prompt samples the same continuation
+    alone as beside shorter or longer prompts (data-parallel ranks batch different prompts)."""
+    from megatron_looprpt.inference.generation import SamplingConfig, generate
+
+    model = build(1)
+    cfg = SamplingConfig(max_new_tokens=8, temperature=1.0, seed=4)
+    seeds = [100 + row for row in range(len(PROMPTS))]
+    together = generate(model, PROMPTS, VOCAB, cfg, row_seeds=seeds).tokens
+    alone = [generate(model, [prompt], VOCAB, cfg, row_seeds=[seed]).tokens[0] for prompt, seed in zip(PROMPTS, seeds)]
+    assert together == alone

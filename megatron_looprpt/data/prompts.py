@@ -16,6 +16,7 @@ from typing import List
 
 from megatron_looprpt.data.corpus import REASONING_TEMPLATES
 from megatron_looprpt.rl.verifier import parse_number
+from megatron_looprpt.rl.verifier import reward as verify
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,16 @@ class PromptProblem:
 
     def render(self) -> str:
         return f"Question: {self.problem}\nStep 1:"
+
+    # what the token-level RL step asks of a problem (rl/grpo.py)
+    def prompt_tokens(self, tokenizer) -> List[int]:
+        return tokenizer.tokenize(self.render())
+
+    def answer_text(self, tokenizer, tokens: List[int]) -> str:
+        return tokenizer.detokenize(tokens)
+
+    def reward(self, text: str) -> float:
+        return verify(text, self.answer)
 
 
 def read_problems(path: str) -> List[PromptProblem]:

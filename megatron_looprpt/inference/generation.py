@@ -90,10 +90,12 @@ def _full_logits(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
     return full
 
 
-def sample(logits: torch.Tensor, cfg: SamplingConfig, generators: Sequence[torch.Generator]) -> torch.Tensor:
+def sample(logits: torch.Tensor, cfg: SamplingConfig, generators: Sequence[torch.Generator],
+           drawing: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Next tokens [b] from logits [b, V] (temperature, then nucleus). Row r draws one uniform
-    from its own CPU generator, so a row's samples do not depend on the batch around it (the
-    pipeline pads the batch) nor on the device."""
+    from its own CPU generator, and only where ``drawing[r]`` (default: every row): a row still
+    inside its prompt draws nothing, so its samples depend neither on the rows batched with it
+    (their prompt lengths, the pipeline's padding) nor on the device."""
     logits = logits.cpu()
     if cfg.temperature == 0:
         return logits.argmax(dim=-1)
@@ -105,7 +107,9 @@ def sample(logits: torch.Tensor, cfg: SamplingConfig, generators: Sequence[torch
         sorted_probs = sorted_probs.masked_fill(outside, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
     cdf = probs.cumsum(dim=-1)
-    uniforms = torch.stack([torch.rand((), generator=g, dtype=torch.float64) for g in generators])
+    drawing = torch.ones(len(generators), dtype=torch.bool) if drawing is None else drawing
+    uniforms = torch.stack([torch.rand((), generator=g, dtype=torch.float64) if draw else
+                            torch.tensor(0.5, dtype=torch.float64) for g, draw in zip(generators, drawing.tolist())])
     # the first token whose CDF exceeds u * total: never one of zero probability
     picked = torch.searchsorted(cdf, (uniforms * cdf[:, -1]).unsqueeze(-1), right=True).squeeze(-1)
     return picked.clamp(max=logits.shape[-1] - 1)
@@ -132,20 +136,20 @@ class _Reader:
         return logits, chosen.cpu() + 1
 
 
-def _pick(logits: torch.Tensor, steps: torch.Tensor, cfg: SamplingConfig, generators) -> torch.Tensor:
+def _pick(logits: torch.Tensor, steps: torch.Tensor, cfg: SamplingConfig, generators, drawing) -> torch.Tensor:
     """[b, 3]: sampled token, its log-probability, the 1-based loop step it was read from."""
-    sampled = sample(logits, cfg, generators)
+    sampled = sample(logits, cfg, generators, drawing)
     logprobs = torch.log_softmax(logits.cpu(), dim=-1).gather(-1, sampled.unsqueeze(-1)).squeeze(-1)
     return torch.stack([sampled.double(), logprobs.double(), steps.double()], dim=-1)
 
 
-def _forward_whole(pm, chunk, positions, reader, cache, vocab_size, cfg, generators) -> torch.Tensor:
+def _forward_whole(pm, chunk, positions, reader, cache, vocab_size, cfg, generators, drawing) -> torch.Tensor:
     output = pm.model(chunk, positions, None, head=reader.head,
                       inference_contexts=cache.steps if cache is not None else None)
-    return _pick(*reader.last_position(output, vocab_size), cfg, generators)
+    return _pick(*reader.last_position(output, vocab_size), cfg, generators, drawing)
 
 
-def _forward_pipelined(pm, chunk, positions, reader, cache, vocab_size, cfg, generators) -> torch.Tensor:
+def _forward_pipelined(pm, chunk, positions, reader, cache, vocab_size, cfg, generators, drawing) -> torch.Tensor:
     """Through megatron-core's pipeline schedule (forward only), as PP micro-batches of rows:
     each loop step's chunk writes its rows into that step's cache. The last stage samples and
     broadcasts the picks to the other stages."""
@@ -178,7 +182,7 @@ def _forward_pipelined(pm, chunk, positions, reader, cache, vocab_size, cfg, gen
     if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
         logits = torch.cat([picked_logits[r][0] for r in sorted(picked_logits)])
         steps = torch.cat([picked_logits[r][1] for r in sorted(picked_logits)])
-        picks = _pick(logits, steps, cfg, generators).to(chunk.device)
+        picks = _pick(logits, steps, cfg, generators, drawing).to(chunk.device)
     dist.broadcast(picks, src=parallel_state.get_pipeline_model_parallel_last_rank(),
                    group=parallel_state.get_pipeline_model_parallel_group())
     return picks.cpu()
@@ -232,11 +236,11 @@ def generate(pm, prompts: Sequence[Sequence[int]], vocab_size: int, cfg: Samplin
         first = 0 if cache is None or cache.offset == 0 else position - 1
         chunk = tokens[:, first:position].to(device)
         positions = torch.arange(first, position, device=device).unsqueeze(0).expand(batch, -1)
-        picks = forward(pm, chunk, positions, reader, cache, vocab_size, cfg, generators)
+        generating = ~in_prompt[:, position] & ~finished
+        picks = forward(pm, chunk, positions, reader, cache, vocab_size, cfg, generators, generating)
         if cache is not None:
             cache.advance(position - first)
         sampled = picks[:, 0].long()
-        generating = ~in_prompt[:, position] & ~finished
         tokens[:, position] = torch.where(in_prompt[:, position], tokens[:, position], sampled)
         for row in generating.nonzero().flatten().tolist():
             out.tokens[row].append(int(sampled[row]))

@@ -27,7 +27,6 @@ import torch
 from megatron_looprpt.inference.generation import SamplingConfig, generate
 from megatron_looprpt.models.looped_gpt import HeadRequest
 from megatron_looprpt.rl.looprpt_loss import TeacherOutputs
-from megatron_looprpt.rl.verifier import reward as verify
 from megatron_looprpt.training.step import to_device, train_step
 
 RLTT_WEIGHTS = ("last", "uniform", "progressive")
@@ -148,23 +147,25 @@ def training_batches(prompts: Sequence[Sequence[int]], answers: Sequence[Sequenc
 def grpo_train_step(pm, optimizer, scheduler, reference, problems: Sequence, first_index: int, tokenizer,
                     vocab_size: int, cfg: GRPOConfig, seq_length: int, micro_batch_size: int,
                     global_batch_size: int, reward_fn: Optional[Callable[[str, object], float]] = None):
-    """One GRPO / RLTT step on this data-parallel rank's ``problems`` (objects with ``render()``
-    and ``answer``; the first has global index ``first_index``). ``global_batch_size`` counts
-    sequences (prompts x G) over all ranks. ``reward_fn(answer_text, problem)`` defaults to the
-    math verifier. Returns reduced metric sums (see grpo_record)."""
+    """One GRPO / RLTT step on this data-parallel rank's ``problems`` (the first has global index
+    ``first_index``); a problem gives ``prompt_tokens(tokenizer)``, ``answer_text(tokenizer,
+    tokens)`` and ``reward(text)`` (data/prompts.py, rl/rpt.py). ``global_batch_size`` counts
+    sequences (prompts x G) over all ranks. ``reward_fn(answer_text, problem)`` replaces the
+    problem's reward. Returns reduced metric sums (see grpo_record)."""
     cfg.check()
     cfg.weights(pm.model.loop_steps)  # refuse bad weights before sampling
-    reward_fn = reward_fn or (lambda text, problem: verify(text, problem.answer))
+    reward_fn = reward_fn or (lambda text, problem: problem.reward(text))
     # a prompt keeps its last tokens so that prompt + answer fit in seq_length
-    prompts = [tokenizer.tokenize(p.render())[-(seq_length - cfg.max_new_tokens):] for p in problems]
+    prompts = [list(p.prompt_tokens(tokenizer))[-(seq_length - cfg.max_new_tokens):] for p in problems]
     rows = [prompt for prompt in prompts for _ in range(cfg.num_samples)]
     seeds = [cfg.seed * 1_000_003 + (first_index + i) * cfg.num_samples + g
              for i in range(len(prompts)) for g in range(cfg.num_samples)]
     sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                               top_p=cfg.top_p, stop_tokens=(tokenizer.eod,))
     answers = generate(pm, rows, vocab_size, sampling, row_seeds=seeds).tokens
-    rewards = torch.tensor([reward_fn(tokenizer.detokenize(answer), problems[row // cfg.num_samples])
-                            for row, answer in enumerate(answers)], dtype=torch.float32)
+    groups = [problems[row // cfg.num_samples] for row in range(len(answers))]
+    rewards = torch.tensor([reward_fn(problem.answer_text(tokenizer, answer), problem)
+                            for problem, answer in zip(groups, answers)], dtype=torch.float32)
     advantages = group_advantages(rewards.view(-1, cfg.num_samples)).flatten()
     batches = training_batches(rows, answers, advantages, rewards, seq_length, micro_batch_size)
     references = deque(reference.run(batches))

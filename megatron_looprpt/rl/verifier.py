@@ -19,7 +19,7 @@ _NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?(?:/\d+)?|-?\$?\.\d+")
 _MARKERS = re.compile(r"(?:answer\s*(?:is|:)|####)\s*", re.IGNORECASE)
 
 
-def _last_boxed(text: str) -> Optional[str]:
+def last_boxed(text: str) -> Optional[str]:
     start = text.rfind("\\boxed{")
     if start < 0:
         return None
@@ -34,7 +34,7 @@ def _last_boxed(text: str) -> Optional[str]:
 def extract_answer(completion: str) -> Optional[str]:
     """The completion's final answer as text, or None if it gives none."""
     if "\\boxed{" in completion:
-        boxed = _last_boxed(completion)
+        boxed = last_boxed(completion)
         return None if boxed is None else boxed.strip()  # a box cut off holds no answer
     markers = list(_MARKERS.finditer(completion))
     if markers:

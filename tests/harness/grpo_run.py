@@ -7,6 +7,7 @@ would give every answer 0 and every advantage 0)."""
 import argparse
 import json
 
+import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
@@ -14,6 +15,7 @@ from megatron_looprpt import parallel
 from megatron_looprpt.data.prompts import generate_problems
 from megatron_looprpt.models.builder import LoopedModelConfig
 from megatron_looprpt.rl.grpo import GRPOConfig, grpo_record, grpo_train_step
+from megatron_looprpt.rl.rpt import RPTConfig, rpt_train_step
 from megatron_looprpt.rl.teacher import EMATeacher
 from megatron_looprpt.training.setup import OptimConfig, build_model, build_optimizer
 
@@ -34,12 +36,21 @@ def parity_reward(text, problem):
     return float(sum(text.encode("latin-1")) % 2)
 
 
+def corpus_sequence(index: int, seq: int) -> dict:
+    """A fixed 'corpus' sequence of printable bytes per global index (GPTDataset's item layout)."""
+    g = torch.Generator().manual_seed(500 + index)
+    tokens = torch.randint(32, 127, (seq + 1,), generator=g)
+    return {"tokens": tokens[:-1], "labels": tokens[1:], "loss_mask": torch.ones(seq),
+            "position_ids": torch.arange(seq)}
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
     p.add_argument("--dist-opt", action="store_true")
     p.add_argument("--weights", default="last")
+    p.add_argument("--algo", choices=["grpo", "rpt"], default="grpo")
     p.add_argument("--out", required=True)
     a = p.parse_args()
     parallel.initialize(a.tp, a.pp, seed=7)
@@ -62,8 +73,15 @@ def main():
     for step in range(2):
         per_rank = prompts_per_step // dp
         first = step * prompts_per_step + dp_rank * per_rank
-        metrics = grpo_train_step(pm, optimizer, scheduler, reference, problems[first:first + per_rank], first,
-                                  ByteTokenizer(), 256, grpo, seq, micro, global_batch, reward_fn=parity_reward)
+        if a.algo == "rpt":
+            sequences = [corpus_sequence(first + i, seq) for i in range(per_rank)]
+            metrics = rpt_train_step(pm, optimizer, scheduler, reference, sequences, first, ByteTokenizer(), 256,
+                                     grpo, RPTConfig(horizon=3, min_context=8), seq, micro, global_batch,
+                                     reward_fn=parity_reward)
+        else:
+            metrics = grpo_train_step(pm, optimizer, scheduler, reference, problems[first:first + per_rank],
+                                      first, ByteTokenizer(), 256, grpo, seq, micro, global_batch,
+                                      reward_fn=parity_reward)
         records.append(grpo_record(metrics))
     if dist.get_rank() == 0:
         with open(a.out, "w") as f:
