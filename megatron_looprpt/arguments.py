@@ -157,9 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-progress-bar", action="store_true", help="no progress bar even on a terminal")
 
     g = p.add_argument_group("rl")
-    g.add_argument("--rl-algo", choices=["none", "looprpt", "grpo", "rltt"], default="none",
+    g.add_argument("--rl-algo", choices=["none", "looprpt", "grpo", "rltt", "rpt"], default="none",
                    help="looprpt: reinforcement pre-training on the loop steps; grpo / rltt: token-level RL "
-                        "with verifiable rewards on --prompt-data; none: plain pre-training")
+                        "with verifiable rewards on --prompt-data; rpt: next-token reasoning on --data-path; "
+                        "none: plain pre-training")
     g.add_argument("--rl-hard-token-ratio", type=float, default=0.2,
                    help="fraction of each sequence's tokens (highest teacher entropy) the RL terms use")
     g.add_argument("--rl-num-rollouts", type=int, default=8, help="G noisy latent rollouts per token")
@@ -177,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--rl-entropy-coef", type=float, default=0.01, help="weight of the exit-distribution entropy bonus")
     g.add_argument("--rl-kl-coef", type=float, default=0.001, help="weight of the k3 KL to the teacher")
 
-    g = p.add_argument_group("token-level rl (grpo, rltt)")
+    g = p.add_argument_group("token-level rl (grpo, rltt, rpt)")
     g.add_argument("--prompt-data", default=None,
                    help='JSONL of {"problem", "answer"} (default: a generated arithmetic/word-problem set)')
     g.add_argument("--num-generated-prompts", type=int, default=10000,
@@ -191,6 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--grpo-kl-coef", type=float, default=0.01, help="weight of the k3 KL to the frozen reference")
     g.add_argument("--rltt-weights", default="uniform",
                    help="RLTT's loop-step weights of the log-probability: uniform, progressive or w1,...,wT")
+    g.add_argument("--rpt-horizon", type=int, default=4,
+                   help="RPT: tokens of true continuation a predicted next text is judged against")
+    g.add_argument("--rpt-min-context", type=int, default=16, help="RPT: tokens of context before a chosen position")
     return p
 
 
@@ -332,7 +336,7 @@ def _validate_precision(args) -> None:
 
 def _validate_rl(args) -> None:
     # The RL flags mean nothing without their --rl-algo, so only then are they checked.
-    if args.rl_algo in ("grpo", "rltt"):
+    if args.rl_algo in ("grpo", "rltt", "rpt"):
         _validate_token_rl(args)
     if args.rl_algo != "looprpt":
         return
@@ -360,10 +364,15 @@ def _validate_token_rl(args) -> None:
     _require(args.sampling_temperature > 0, f"--sampling-temperature {args.sampling_temperature} must be > 0")
     _require(0.0 < args.sampling_top_p <= 1.0, f"--sampling-top-p {args.sampling_top_p} must be in (0, 1]")
     _require(args.tokenizer_type != "NullTokenizer",
-             "--rl-algo grpo/rltt samples text answers: give a real --tokenizer-type")
-    _require(not args.sequence_parallel, "--rl-algo grpo/rltt generates one position at a time: "
+             f"--rl-algo {args.rl_algo} samples text answers: give a real --tokenizer-type")
+    _require(not args.sequence_parallel, f"--rl-algo {args.rl_algo} generates one position at a time: "
                                          "drop --sequence-parallel")
-    if args.prompt_data is not None:
+    if args.rl_algo == "rpt":
+        _require(args.rpt_horizon >= 1 and args.rpt_min_context >= 1 and
+                 args.rpt_min_context + args.rpt_horizon < args.seq_length,
+                 f"--rpt-min-context {args.rpt_min_context} + --rpt-horizon {args.rpt_horizon} must be "
+                 f"positive and fit in --seq-length {args.seq_length}")
+    elif args.prompt_data is not None:
         _require(os.path.isfile(args.prompt_data), f"--prompt-data {args.prompt_data} does not exist")
     else:
         _require(args.num_generated_prompts >= 1, "--num-generated-prompts must be >= 1")

@@ -210,7 +210,7 @@ def test_missing_load_directory_starts_from_scratch(tmp_path):
     (["--rl-algo", "looprpt", "--rl-noise-type", "dropout", "--rl-latent-noise-std", "1"], 1,
      "--rl-latent-noise-std"),
     # GRPO / RLTT (MOCK's NullTokenizer is refused on its own; a real tokenizer file below)
-    (["--rl-algo", "grpo"], 1, "--rl-algo grpo/rltt samples text answers"),
+    (["--rl-algo", "grpo"], 1, "--rl-algo grpo samples text answers"),
     # data, checkpoint, logging
     (["--split", "90,x,1"], 1, "--split"),
     (["--split", "1,1,1,1"], 1, "--split"),
@@ -238,6 +238,8 @@ def test_layouts_that_divide_everything_pass():
     (["--sequence-parallel", "--tensor-model-parallel-size", "2"], 2, "drop --sequence-parallel"),
     (["--prompt-data", "/nonexistent.jsonl"], 1, "--prompt-data /nonexistent.jsonl does not exist"),
     (["--rl-algo", "rltt", "--rltt-weights", "1,2"], 1, "--rltt-weights: step weights '1,2'"),
+    (["--rl-algo", "rpt", "--rpt-min-context", "125", "--seq-length", "128", "--max-new-tokens", "8"], 1,
+     "--rpt-min-context 125 + --rpt-horizon 4 must be"),
 ])
 def test_token_level_rl_arguments(tmp_path, argv, world, flag):
     tokenizer = tmp_path / "tok.model"

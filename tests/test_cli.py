@@ -122,10 +122,11 @@ def test_looprpt_from_a_stage1_checkpoint_and_its_resume(corpus, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("algo", ["grpo", "rltt"])
+@pytest.mark.parametrize("algo", ["grpo", "rltt", "rpt"])
 def test_token_level_rl_from_a_stage1_checkpoint_and_its_resume(corpus, tmp_path, algo):
-    """--rl-algo grpo/rltt on the generated prompt set, DP=2: the log's fields, and a resumed
-    run (reference model, prompt cursor, sampling seeds restored) repeats the uninterrupted one."""
+    """--rl-algo grpo/rltt on the generated prompt set, rpt on the corpus, DP=2: the log's
+    fields, and a resumed run (reference model, prompt cursor, sampling seeds restored) repeats
+    the uninterrupted one."""
     stage1 = str(tmp_path / "stage1")
     launch(1, flags(corpus, "--train-iters", "2", "--save", stage1))
     rl_flags = ["--rl-algo", algo, "--grpo-num-samples", "4", "--max-new-tokens", "12",

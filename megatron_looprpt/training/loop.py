@@ -143,7 +143,7 @@ def pretrain(args) -> dict:
     logger.info(_describe(pm, cfg, args))
 
     rl = LoopRPTRun(args, cfg, pm, vocab_size) if args.rl_algo == "looprpt" else None
-    token_rl = TokenRLRun(args, cfg, pm, tokenizer, vocab_size) if args.rl_algo in ("grpo", "rltt") else None
+    token_rl = TokenRLRun(args, cfg, pm, tokenizer, vocab_size) if args.rl_algo in ("grpo", "rltt", "rpt") else None
     extra_models = ({"teacher": rl.teacher.store} if rl is not None else
                     {"reference": token_rl.reference.store} if token_rl is not None else {})
     iteration, consumed_samples = 0, 0
@@ -245,8 +245,8 @@ def pretrain(args) -> dict:
 
 def _train_token_rl(args, run, pm, optimizer, scheduler, logger, iteration: int, consumed_samples: int,
                     extra_models) -> dict:
-    """The GRPO / RLTT loop: rollouts on prompts instead of batches of the corpus; checkpoints,
-    signals and logging as in pre-training."""
+    """The GRPO / RLTT / RPT loop: rollouts on prompts instead of batches of the corpus;
+    checkpoints, signals and logging as in pre-training."""
 
     def save(at_iteration: int) -> None:
         if args.save:

@@ -1,15 +1,19 @@
-"""The state of a GRPO / RLTT run (``--rl-algo grpo|rltt``): the frozen reference model, the
-prompts, and which of them each step and data-parallel rank takes."""
+"""The state of a GRPO / RLTT / RPT run (``--rl-algo grpo|rltt|rpt``): the frozen reference
+model, the prompts (problems, or for RPT corpus sequences), and which of them each step and
+data-parallel rank takes."""
 
 from __future__ import annotations
 
 import time
 
+import torch
 from megatron.core import parallel_state
 
+from megatron_looprpt.data.datasets import build_datasets
 from megatron_looprpt.data.prompts import generate_problems, read_problems
 from megatron_looprpt.models.builder import LoopedModelConfig
 from megatron_looprpt.rl.grpo import GRPOConfig, grpo_record, grpo_train_step
+from megatron_looprpt.rl.rpt import RPTConfig, rpt_train_step
 from megatron_looprpt.rl.teacher import EMATeacher
 
 
@@ -18,13 +22,21 @@ class TokenRLRun:
         self.args, self.pm, self.tokenizer, self.vocab_size = args, pm, tokenizer, vocab_size
         # frozen: an EMA teacher that is never updated, sharded like the student
         self.reference = EMATeacher(cfg, pm, seed=args.seed)
-        self.problems = (read_problems(args.prompt_data) if args.prompt_data
-                         else generate_problems(args.num_generated_prompts, seed=args.seed))
+        if args.rl_algo == "rpt":
+            # one corpus sequence per prompt, drawn in order from the training split
+            prompts_total = args.train_iters * args.global_batch_size // args.grpo_num_samples
+            self.sequences, _, _ = build_datasets(args.data_path, args.split, args.seq_length, args.seed,
+                                                  tokenizer, num_samples=(prompts_total, 1, 1),
+                                                  mock=args.mock_data)
+            self.rpt = RPTConfig(horizon=args.rpt_horizon, min_context=args.rpt_min_context)
+        else:
+            self.problems = (read_problems(args.prompt_data) if args.prompt_data
+                             else generate_problems(args.num_generated_prompts, seed=args.seed))
         self.cfg = GRPOConfig(
             num_samples=args.grpo_num_samples, max_new_tokens=args.max_new_tokens,
             temperature=args.sampling_temperature, top_p=args.sampling_top_p,
             clip_eps=args.grpo_clip_eps, kl_coef=args.grpo_kl_coef,
-            step_weights="last" if args.rl_algo == "grpo" else args.rltt_weights, seed=args.seed,
+            step_weights=args.rltt_weights if args.rl_algo == "rltt" else "last", seed=args.seed,
         )
 
     def step(self, optimizer, scheduler, consumed_samples: int) -> dict:
@@ -34,9 +46,19 @@ class TokenRLRun:
         dp = parallel_state.get_data_parallel_world_size()
         per_rank = args.global_batch_size // self.cfg.num_samples // dp
         first = consumed_samples // self.cfg.num_samples + parallel_state.get_data_parallel_rank() * per_rank
-        problems = [self.problems[(first + i) % len(self.problems)] for i in range(per_rank)]
         start = time.time()
-        metrics = grpo_train_step(self.pm, optimizer, scheduler, self.reference, problems, first,
-                                  self.tokenizer, self.vocab_size, self.cfg, args.seq_length,
-                                  args.micro_batch_size, args.global_batch_size)
+        if args.rl_algo == "rpt":
+            sequences = [self._sequence((first + i) % len(self.sequences)) for i in range(per_rank)]
+            metrics = rpt_train_step(self.pm, optimizer, scheduler, self.reference, sequences, first,
+                                     self.tokenizer, self.vocab_size, self.cfg, self.rpt, args.seq_length,
+                                     args.micro_batch_size, args.global_batch_size)
+        else:
+            problems = [self.problems[(first + i) % len(self.problems)] for i in range(per_rank)]
+            metrics = grpo_train_step(self.pm, optimizer, scheduler, self.reference, problems, first,
+                                      self.tokenizer, self.vocab_size, self.cfg, args.seq_length,
+                                      args.micro_batch_size, args.global_batch_size)
         return {**grpo_record(metrics), "lr": metrics["lr"].item(), "elapsed_s": time.time() - start}
+
+    def _sequence(self, index: int) -> dict:
+        item = self.sequences[index]
+        return {name: torch.as_tensor(item[name]) for name in ("tokens", "labels", "loss_mask", "position_ids")}
