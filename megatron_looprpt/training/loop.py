@@ -196,13 +196,7 @@ def pretrain(args) -> dict:
     tokens_per_iteration = args.global_batch_size * args.seq_length
 
     def save(at_iteration: int) -> None:
-        if args.save:
-            checkpointing.save_checkpoint(
-                args.save, at_iteration, pm, optimizer, scheduler,
-                state={"consumed_samples": consumed_samples}, args=vars(args), keep=args.ckpt_keep,
-                extra_models=extra_models,
-            )
-            logger.info(f" saved checkpoint at iteration {at_iteration} to {args.save}")
+        _save(args, at_iteration, consumed_samples, pm, optimizer, scheduler, extra_models, logger)
 
     last = {}
     with checkpointing.SigtermHandler() as signals:
@@ -243,19 +237,23 @@ def pretrain(args) -> dict:
     return {"iteration": iteration, "consumed_samples": consumed_samples, **last}
 
 
+def _save(args, at_iteration: int, consumed_samples: int, pm, optimizer, scheduler, extra_models, logger) -> None:
+    if args.save:
+        checkpointing.save_checkpoint(
+            args.save, at_iteration, pm, optimizer, scheduler,
+            state={"consumed_samples": consumed_samples}, args=vars(args), keep=args.ckpt_keep,
+            extra_models=extra_models,
+        )
+        logger.info(f" saved checkpoint at iteration {at_iteration} to {args.save}")
+
+
 def _train_token_rl(args, run, pm, optimizer, scheduler, logger, iteration: int, consumed_samples: int,
                     extra_models) -> dict:
     """The GRPO / RLTT / RPT loop: rollouts on prompts instead of batches of the corpus;
     checkpoints, signals and logging as in pre-training."""
 
     def save(at_iteration: int) -> None:
-        if args.save:
-            checkpointing.save_checkpoint(
-                args.save, at_iteration, pm, optimizer, scheduler,
-                state={"consumed_samples": consumed_samples}, args=vars(args), keep=args.ckpt_keep,
-                extra_models=extra_models,
-            )
-            logger.info(f" saved checkpoint at iteration {at_iteration} to {args.save}")
+        _save(args, at_iteration, consumed_samples, pm, optimizer, scheduler, extra_models, logger)
 
     last = {}
     saved_at = None
