@@ -71,10 +71,6 @@ class LoopKVCache:
         self.steps = [StaticInferenceContext(max_batch_size, max_sequence_length) for _ in range(loop_steps)]
 
     @property
-    def max_sequence_length(self) -> int:
-        return self.steps[0].max_sequence_length
-
-    @property
     def offset(self) -> int:
         return self.steps[0].sequence_len_offset
 
