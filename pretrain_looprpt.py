@@ -8,15 +8,12 @@ Run ``python pretrain_looprpt.py --help`` for every flag.
 
 import os
 import sys
-import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-# megatron-core warns at import about every optional GPU extra it does not find; on a CPU run
-# (or without apex, which nothing here needs) that is noise, not news.
-for message in (".*Transformer Engine and Apex are not installed.*", ".*Apex is not installed.*",
-                ".*full scope is deprecated.*"):
-    warnings.filterwarnings("ignore", message=message)
+from megatron_looprpt.import_notes import silence_import_notes  # noqa: E402
+
+silence_import_notes()
 
 
 def main(argv=None) -> int:

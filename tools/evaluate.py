@@ -14,19 +14,14 @@ matplotlib is installed) and prints a table.
 import argparse
 import os
 import sys
-import warnings
 
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO_ROOT not in sys.path:  # runnable from a checkout without installing the package
     sys.path.insert(0, _REPO_ROOT)
 
-# megatron-core's import-time notes about optional GPU extras are noise here (as in pretraining).
-for _message in (".*Transformer Engine and Apex are not installed.*", ".*Apex is not installed.*",
-                 ".*full scope is deprecated.*"):
-    warnings.filterwarnings("ignore", message=_message)
-# torch.distributed.checkpoint deprecation notes, printed by every load.
-warnings.filterwarnings("ignore", category=FutureWarning,
-                        module=r"(torch\.distributed\.checkpoint|megatron\.core\.dist_checkpointing)")
+from megatron_looprpt.import_notes import silence_import_notes  # noqa: E402
+
+silence_import_notes()
 
 from megatron_looprpt.evaluation.metrics import (  # noqa: E402
     DEFAULT_DIFFICULTY_THRESHOLDS,

@@ -15,16 +15,14 @@ import argparse
 import json
 import os
 import sys
-import warnings
 
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO_ROOT not in sys.path:  # runnable from a checkout without installing the package
     sys.path.insert(0, _REPO_ROOT)
 
-for _message in (".*Transformer Engine and Apex are not installed.*", ".*Apex is not installed.*"):
-    warnings.filterwarnings("ignore", message=_message)
-warnings.filterwarnings("ignore", category=FutureWarning,
-                        module=r"(torch\.distributed\.checkpoint|megatron\.core\.dist_checkpointing)")
+from megatron_looprpt.import_notes import silence_import_notes  # noqa: E402
+
+silence_import_notes()
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -31,7 +31,6 @@ import shutil
 import subprocess
 import sys
 import time
-import warnings
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
@@ -41,10 +40,11 @@ for _path in (ROOT, os.path.dirname(HERE)):
     if _path not in sys.path:
         sys.path.insert(0, _path)
 
-import looprpt_vs_lm as experiment  # noqa: E402  (examples/looprpt_vs_lm.py: the two methods)
+from megatron_looprpt.import_notes import silence_import_notes  # noqa: E402
 
-# megatron-core's import-time notes about optional GPU extras (as in pretrain_looprpt.py).
-warnings.filterwarnings("ignore", message=".*(Transformer Engine and Apex|Apex) (are|is) not installed.*")
+silence_import_notes()
+
+import looprpt_vs_lm as experiment  # noqa: E402  (examples/looprpt_vs_lm.py: the two methods)
 
 STAGE1 = "stage1"
 RESULTS_JSON, RESULTS_MD = "results.json", "results.md"

@@ -31,7 +31,7 @@ from megatron.core import parallel_state
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from megatron_looprpt import parallel
-from megatron_looprpt.arguments import ConfigError, build_parser, validate_args
+from megatron_looprpt.arguments import ConfigError, validate_args
 from megatron_looprpt.data.datasets import build_data_iterator, build_datasets, validate_data_prefixes
 from megatron_looprpt.data.tokenizers import build_tokenizer, model_vocab_size
 from megatron_looprpt.evaluation import metrics
@@ -39,6 +39,7 @@ from megatron_looprpt.models.builder import LoopedModelConfig
 from megatron_looprpt.models.looped_gpt import HeadRequest
 from megatron_looprpt.training import checkpointing
 from megatron_looprpt.training.loop import model_config
+from megatron_looprpt.training.saved_run import check_vocab_padding, read_saved_run, saved_args_with_defaults
 from megatron_looprpt.training.setup import build_model
 from megatron_looprpt.training.step import eval_step, make_forward_step
 
@@ -106,27 +107,10 @@ def check_config(cfg: EvalConfig) -> None:
                           "exceed the second (medium/hard)")
 
 
-def _saved_info(flag: str, load_dir: str) -> dict:
-    if not load_dir or not os.path.isdir(load_dir):
-        raise ConfigError(f"{flag} {load_dir} does not exist or is not a directory")
-    try:
-        info = checkpointing.read_checkpoint_info(load_dir)
-    except checkpointing.CheckpointError as error:
-        raise ConfigError(f"{flag} {load_dir}: {error}") from None
-    if info is None:
-        raise ConfigError(f"{flag} {load_dir}: no checkpoint there (neither "
-                          f"{checkpointing.TRACKER_FILENAME} nor a complete iter_* directory)")
-    if not info.get("args"):
-        raise ConfigError(f"{flag} {load_dir}: the checkpoint saved no run arguments, so its model "
-                          "shape is unknown")
-    return info
-
-
 def _run_args(saved: dict, cfg: EvalConfig, imposed: Optional[dict]) -> argparse.Namespace:
     """The saved run's arguments with this evaluation's data, batch sizes and layout.
     ``imposed``: settings every model must share with the --load model (tokenizer, data)."""
-    args = vars(build_parser().parse_args([]))   # defaults for keys older checkpoints lack
-    args.update(saved)
+    args = saved_args_with_defaults(saved)
     given = {"data_path": cfg.data_path, "split": cfg.split, "micro_batch_size": cfg.micro_batch_size,
              "global_batch_size": cfg.global_batch_size, "exit_threshold": cfg.exit_threshold,
              "tokenizer_model": cfg.tokenizer_model}
@@ -143,7 +127,7 @@ def _run_args(saved: dict, cfg: EvalConfig, imposed: Optional[dict]) -> argparse
 
 def read_checkpoint(flag: str, load_dir: str, cfg: EvalConfig, imposed: Optional[dict] = None) -> Checkpoint:
     """Read and validate a checkpoint's arguments for this evaluation."""
-    info = _saved_info(flag, load_dir)
+    info = read_saved_run(flag, load_dir)
     args = _run_args(info["args"], cfg, imposed)
     if imposed is None:
         _check_data(args.data_path)
@@ -214,13 +198,8 @@ def read_checkpoints(cfg: EvalConfig) -> Dict[str, Checkpoint]:
     vocab_size = model_vocab_size(build_tokenizer(**tokenizer), tokenizer.get("vocab_size"))
     for ckpt in checkpoints.values():
         ckpt.model = model_config(ckpt.args, vocab_size)
-        saved_padded = ckpt.saved.get("padded_vocab_size")
-        if saved_padded is not None and saved_padded != ckpt.model.padded_vocab_size:
-            # Megatron pads the vocabulary to a multiple of make_vocab_size_divisible_by x TP.
-            raise ConfigError(
-                f"{ckpt.flag} {ckpt.path}: --tensor-model-parallel-size {cfg.tensor_model_parallel_size} "
-                f"pads the vocabulary to {ckpt.model.padded_vocab_size}, the checkpoint has {saved_padded}: "
-                "choose a TP size that pads it alike")
+        check_vocab_padding(ckpt.flag, ckpt.path, ckpt.saved, ckpt.model.padded_vocab_size,
+                            cfg.tensor_model_parallel_size)
     return checkpoints
 
 

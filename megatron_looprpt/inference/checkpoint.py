@@ -8,10 +8,11 @@ from dataclasses import dataclass
 from typing import Optional
 
 from megatron_looprpt import parallel
-from megatron_looprpt.arguments import ConfigError, build_parser, validate_args
+from megatron_looprpt.arguments import ConfigError, validate_args
 from megatron_looprpt.data.tokenizers import Tokenizer, build_tokenizer, model_vocab_size
 from megatron_looprpt.training import checkpointing
 from megatron_looprpt.training.loop import model_config
+from megatron_looprpt.training.saved_run import check_vocab_padding, read_saved_run, saved_args_with_defaults
 from megatron_looprpt.training.setup import build_model
 
 
@@ -29,14 +30,8 @@ def load_for_inference(load_dir: str, tensor_parallel: int = 1, pipeline_paralle
     """Read ``load_dir``'s saved arguments, start the process groups of the layout (torchrun's
     env:// or one process) and load the model. Raises ConfigError (one line, naming the flag)
     for a missing checkpoint or tokenizer, or a layout the world size cannot hold."""
-    try:
-        info = checkpointing.read_checkpoint_info(load_dir)
-    except checkpointing.CheckpointError as error:
-        raise ConfigError(f"--load {load_dir}: {error}") from None
-    if info is None:
-        raise ConfigError(f"--load {load_dir}: no checkpoint there")
-    args = vars(build_parser().parse_args([]))      # defaults for keys older checkpoints lack
-    args.update(info["args"] or {})
+    info = read_saved_run("--load", load_dir)
+    args = saved_args_with_defaults(info["args"])
     # the training-only settings become ones every layout accepts (generation batches itself)
     args.update(load=None, save=None, mock_data=True, sequence_parallel=False,
                 micro_batch_size=1, global_batch_size=pipeline_parallel,
@@ -56,11 +51,7 @@ def load_for_inference(load_dir: str, tensor_parallel: int = 1, pipeline_paralle
     tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_size)
     vocab_size = model_vocab_size(tokenizer, args.vocab_size)
     cfg = model_config(args, vocab_size)
-    saved_padded = info["args"].get("padded_vocab_size")
-    if saved_padded is not None and saved_padded != cfg.padded_vocab_size:
-        raise ConfigError(f"--tensor-model-parallel-size {tensor_parallel} pads the vocabulary to "
-                          f"{cfg.padded_vocab_size}, the checkpoint has {saved_padded}: choose a TP size "
-                          "that pads it alike (or re-pad it with tools/checkpoint/convert.py)")
+    check_vocab_padding("--load", load_dir, info["args"], cfg.padded_vocab_size, tensor_parallel)
     parallel.initialize(tensor_parallel, pipeline_parallel, args.seed)
     pm = build_model(cfg, seed=args.seed, wrap_ddp=False)
     loaded = checkpointing.load_checkpoint(info["path"], pm, None, None, load_optim=False, load_rng=False)
