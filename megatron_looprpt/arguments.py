@@ -188,13 +188,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=int, default=64, help="longest sampled answer")
     g.add_argument("--sampling-temperature", type=float, default=1.0, help="temperature of the rollouts")
     g.add_argument("--sampling-top-p", type=float, default=1.0, help="nucleus of the rollouts")
-    g.add_argument("--grpo-clip-eps", type=float, default=0.2, help="ratio clip of the surrogate")
+    g.add_argument("--grpo-clip-eps", type=float, default=0.2,
+                   help="ratio clip of the surrogate (acts from the second of --grpo-epochs updates on)")
+    g.add_argument("--grpo-epochs", type=int, default=1,
+                   help="optimizer steps on each batch of rollouts (PPO epochs), at the iteration's learning rate")
     g.add_argument("--grpo-kl-coef", type=float, default=0.01, help="weight of the k3 KL to the frozen reference")
-    g.add_argument("--rltt-weights", default="uniform",
-                   help="RLTT's loop-step weights of the log-probability: uniform, progressive or w1,...,wT")
+    g.add_argument("--rltt-weights", default=None,
+                   help="RLTT's loop-step weights of the log-probability: uniform (default), progressive or w1,...,wT")
     g.add_argument("--rpt-horizon", type=int, default=4,
                    help="RPT: tokens of true continuation a predicted next text is judged against")
     g.add_argument("--rpt-min-context", type=int, default=16, help="RPT: tokens of context before a chosen position")
+    g.add_argument("--rpt-instruction", default=None,
+                   help="RPT: text after the context asking for the prediction (default: reason, then give the "
+                        "next words in \\boxed{}; '' for the bare text)")
     return p
 
 
@@ -367,6 +373,10 @@ def _validate_token_rl(args) -> None:
              f"--rl-algo {args.rl_algo} samples text answers: give a real --tokenizer-type")
     _require(not args.sequence_parallel, f"--rl-algo {args.rl_algo} generates one position at a time: "
                                          "drop --sequence-parallel")
+    _require(args.grpo_epochs >= 1, f"--grpo-epochs {args.grpo_epochs} must be >= 1")
+    _require(args.rltt_weights is None or args.rl_algo == "rltt",
+             f"--rltt-weights applies to --rl-algo rltt (--rl-algo {args.rl_algo} reads the last loop step)")
+    _require(args.rpt_instruction is None or args.rl_algo == "rpt", "--rpt-instruction applies to --rl-algo rpt")
     if args.rl_algo == "rpt":
         _require(args.rpt_horizon >= 1 and args.rpt_min_context >= 1 and
                  args.rpt_min_context + args.rpt_horizon < args.seq_length,
@@ -380,7 +390,7 @@ def _validate_token_rl(args) -> None:
         from megatron_looprpt.rl.grpo import step_weights
 
         try:
-            step_weights(args.rltt_weights, args.loop_steps)
+            step_weights(args.rltt_weights or "uniform", args.loop_steps)
         except ValueError as error:
             raise ConfigError(f"--rltt-weights: {error}") from None
 
@@ -474,8 +484,10 @@ def _validate_logging(args) -> None:
 
 # The fields that fix the shape of the weights. Not --loop-steps: the weights do not depend on T,
 # so a checkpoint may be loaded with another loop count.
+# what a --load checkpoint fixes: the shape, and what the weights were trained to expect (RoPE's
+# base and the norms' epsilon change every activation without changing a shape)
 _CHECKPOINT_SHAPE = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
-                     "ffn_hidden_size", "untie_embeddings_and_output_weights")
+                     "ffn_hidden_size", "untie_embeddings_and_output_weights", "rotary_base", "norm_epsilon")
 
 
 def check_checkpoint_shape(args: argparse.Namespace, saved_args: dict) -> None:

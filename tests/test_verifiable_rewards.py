@@ -1,9 +1,11 @@
 """The math verifier and the prompt data of RL with verifiable rewards."""
 
 import json
+import random
 
 import pytest
 
+from megatron_looprpt.data.corpus import REASONING_TEMPLATES
 from megatron_looprpt.data.prompts import PromptProblem, generate_problems, read_problems, write_problems
 from megatron_looprpt.rl.verifier import extract_answer, is_correct, parse_number, reward
 
@@ -18,6 +20,14 @@ from megatron_looprpt.rl.verifier import extract_answer, is_correct, parse_numbe
     ("Answer: $19\nQuestion: next one", "$19"),
     ("first 3, then 5, finally 9", "9"),
     ("Answer: Grace", "grace"),
+    ("\\boxed{\\frac{1}{2}}", "0.5"),
+    ("\\boxed{-\\dfrac{3}{4}}", "-0.75"),
+    ("\\boxed{1{,}000}", "1000"),
+    ("\\boxed{5\\%}", "5%"),
+    ("The answer is: 5", "5"),
+    ("Answer: x = 5", "5"),
+    ("Answer: $-5", "-5"),
+    ("Answer: $12$", "12"),
 ])
 def test_correct_answers(completion, answer):
     assert is_correct(completion, answer) and reward(completion, answer) == 1.0
@@ -30,6 +40,8 @@ def test_correct_answers(completion, answer):
     ("\\boxed{12", "12"),                    # cut off inside the box: no answer, not the last number
     ("Answer: 3 + 4", "7"),                 # an expression is not a number
     ("Answer: 2 boxes, 1 left over", "2"),
+    ("Answer: 1,2", "12"),                  # not a thousands separator
+    ("Answer: 1,2345", "12345"),
 ])
 def test_wrong_or_missing_answers(completion, answer):
     assert not is_correct(completion, answer) and reward(completion, answer) == 0.0
@@ -48,8 +60,13 @@ def test_prompt_data(tmp_path):
     assert len(problems) == 300 and generate_problems(300, seed=1) == problems
     assert all(parse_number(p.answer) is not None for p in problems)
     assert len({p.problem.split()[0] for p in problems}) > 3  # several templates
-    # each problem's reference answer is what its worked steps end with
-    assert is_correct(f"Answer: {problems[0].answer}", problems[0].answer)
+    # every template's reference answer is the last number of its worked steps
+    rng = random.Random(0)
+    for template in REASONING_TEMPLATES:
+        for _ in range(20):
+            question, steps, answer = template(rng)
+            if parse_number(answer) is not None:
+                assert is_correct(steps[-1], answer), (template.__name__, steps[-1], answer)
     path = tmp_path / "p.jsonl"
     write_problems(str(path), problems[:5])
     assert read_problems(str(path)) == problems[:5]

@@ -78,6 +78,9 @@ def main(argv=None) -> int:
         prompts = read_prompts(args)
         model = load_for_inference(args.load, args.tensor_model_parallel_size,
                                    args.pipeline_model_parallel_size, args.tokenizer_model)
+        steps = model.args.loop_steps
+        if args.exit_step is not None and not 1 <= args.exit_step <= steps:
+            raise ConfigError(f"--exit-step {args.exit_step} must be in [1, {steps}] (the model's loop steps)")
         cfg = SamplingConfig(
             max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
             seed=args.seed, stop_tokens=(model.tokenizer.eod,) if args.stop_at_eod else (),

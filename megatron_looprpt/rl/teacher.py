@@ -96,37 +96,43 @@ class EMATeacher:
     def sharded_state_dict(self, prefix: str = "teacher."):
         return self.store.sharded_state_dict(prefix=prefix)
 
-    @torch.no_grad()
     def run(self, batches) -> Deque[TeacherOutputs]:
         """Teacher outputs for each micro-batch, in order (filled on the last stage only)."""
-        collected: Deque[TeacherOutputs] = collections.deque()
+        return forward_outputs(self.pm, batches)
 
-        def forward_step(data_iterator, model):
-            batch = to_device(next(data_iterator))
-            output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"],
-                           head=_TEACHER_HEAD)
 
-            def collect(out):
-                collected.append(TeacherOutputs(
-                    logp=out.stack("label_logprobs"), gate_logits=out.stack("gate_logits"),
-                    entropy=out.stack("entropy"),
-                ))
-                return torch.zeros(()), torch.tensor(0, dtype=torch.int), {}
+@torch.no_grad()
+def forward_outputs(pm, batches) -> Deque[TeacherOutputs]:
+    """A model's per-step gold log-probs, gate logits and entropies for each micro-batch, in
+    order, through the pipeline schedule, forward only (filled on the last stage only)."""
+    collected: Deque[TeacherOutputs] = collections.deque()
 
-            return output, collect
+    def forward_step(data_iterator, model):
+        batch = to_device(next(data_iterator))
+        output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"],
+                       head=_TEACHER_HEAD)
 
-        self.pm.eval()
-        iterators = [iter(batches) for _ in self.pm.chunks]
-        try:
-            self.pm.forward_backward(
-                forward_step_func=forward_step,
-                data_iterator=iterators if len(iterators) > 1 else iterators[0],
-                model=self.pm.chunks,
-                num_microbatches=len(batches),
-                seq_length=batches[0]["tokens"].shape[1],
-                micro_batch_size=batches[0]["tokens"].shape[0],
-                forward_only=True,
-            )
-        finally:
-            self.pm.model.clear_deferred_steps()
-        return collected
+        def collect(out):
+            collected.append(TeacherOutputs(
+                logp=out.stack("label_logprobs"), gate_logits=out.stack("gate_logits"),
+                entropy=out.stack("entropy"),
+            ))
+            return torch.zeros(()), torch.tensor(0, dtype=torch.int), {}
+
+        return output, collect
+
+    pm.eval()
+    iterators = [iter(batches) for _ in pm.chunks]
+    try:
+        pm.forward_backward(
+            forward_step_func=forward_step,
+            data_iterator=iterators if len(iterators) > 1 else iterators[0],
+            model=pm.chunks,
+            num_microbatches=len(batches),
+            seq_length=batches[0]["tokens"].shape[1],
+            micro_batch_size=batches[0]["tokens"].shape[0],
+            forward_only=True,
+        )
+    finally:
+        pm.model.clear_deferred_steps()
+    return collected

@@ -4,9 +4,10 @@ with the reference numerically.
 The final answer of a completion is, in order of preference: the content of its last
 ``\\boxed{...}`` (braces balanced; a box cut off by the length limit is no answer), the text
 after its last "Answer:" / "answer is" / "####" marker (to the end of that line), or else its
-last number. Two answers match when both parse as numbers (thousands separators, a leading $, a
-trailing unit word or %, fractions a/b and decimals allowed) and are equal, or otherwise when
-their normalised text is equal.
+last number. Two answers match when both parse as numbers and are equal, or otherwise when their
+normalised text is equal. Numbers may carry thousands separators in groups of three ("1,250";
+"1,2" is not a number), a $ before or after the sign, a trailing unit word or %, a fraction a/b
+or LaTeX's \frac{a}{b}, math delimiters ($...$) and a "x =" in front.
 """
 
 from __future__ import annotations
@@ -15,8 +16,11 @@ import re
 from fractions import Fraction
 from typing import Optional
 
-_NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?(?:/\d+)?|-?\$?\.\d+")
-_MARKERS = re.compile(r"(?:answer\s*(?:is|:)|####)\s*", re.IGNORECASE)
+_SIGN = r"(?:-\$?|\$-?)?"                      # -5, -$5, $-5, $5
+_NUMBER = re.compile(_SIGN + r"(?:\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?(?:/\d+)?|\.\d+)(?![\d,]*\d)")
+_MARKERS = re.compile(r"(?:answer\s*(?:is\s*:?|:)|####)\s*", re.IGNORECASE)
+_LATEX_FRACTION = re.compile(r"\\[dt]?frac\{\s*(-?\d+)\s*\}\{\s*(\d+)\s*\}")
+_ASSIGNMENT = re.compile(r"^[A-Za-z]\w*\s*=\s*")   # "x = 5"
 
 
 def last_boxed(text: str) -> Optional[str]:
@@ -47,8 +51,11 @@ def extract_answer(completion: str) -> Optional[str]:
 
 def parse_number(text: str) -> Optional[Fraction]:
     """A number written as the answer, or None: "1,234", "$12", "-3.5", "7/2", "42 km", "15%"."""
-    cleaned = text.strip().rstrip(".").replace("\\$", "$")
+    cleaned = text.strip().rstrip(".").replace("\\$", "$").replace("{,}", ",").replace("\\%", "%")
+    if len(cleaned) > 2 and cleaned[0] == cleaned[-1] == "$" and cleaned.count("$") == 2:
+        cleaned = cleaned[1:-1].strip()              # $...$: math delimiters, not dollars
     cleaned = re.sub(r"^\\text\{(.*)\}$", r"\1", cleaned)
+    cleaned = _LATEX_FRACTION.sub(r"\1/\2", _ASSIGNMENT.sub("", cleaned))
     match = _NUMBER.match(cleaned)
     if match is None:
         return None

@@ -102,11 +102,12 @@ class RunLogger:
 
 
 def format_line(record: Dict, train_iters: int) -> str:
-    if "lm_loss" not in record:  # token-level RL (grpo, rltt): rollouts, not corpus batches
+    if "lm_loss" not in record:  # token-level RL (grpo, rltt, rpt): rollouts, not corpus batches
         return " | ".join([
             f" iteration {record['iteration']:>6}/{train_iters}",
             f"reward mean {record['reward_mean']:.4f}", f"answer length {record['answer_length']:.1f}",
-            f"pg loss {record['pg_loss']:.4f}", f"kl {record['kl']:.5f}", f"lr {record['lr']:.3e}",
+            f"pg loss {record['pg_loss']:.4f}", f"kl {record['kl']:.5f}",
+            f"clipped {record['clip_fraction']:.3f}", f"lr {record['lr']:.3e}",
             f"grad norm {record['grad_norm']:.3f}", f"{record['elapsed_s']:.1f} s",
         ])
     steps = " ".join(f"{v:.3f}" for v in record.get("step_loss", []))

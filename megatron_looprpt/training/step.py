@@ -90,14 +90,17 @@ def _broadcast_names_from_last_stage(value):
     return holder[0]
 
 
-def train_step(pm: PipelinedModel, optimizer, scheduler, batches, forward_step, global_batch_size: int):
+def train_step(pm: PipelinedModel, optimizer, scheduler, batches, forward_step, global_batch_size: int,
+               step_scheduler: bool = True):
+    """Forward+backward over one global batch and an optimizer step. ``step_scheduler=False``
+    keeps the learning rate where it is (the earlier of several updates on one batch of rollouts)."""
     pm.train()
     if hasattr(pm.stage, "zero_grad_buffer"):
         pm.stage.zero_grad_buffer()
     optimizer.zero_grad()
     metrics = run_schedule(pm, batches, forward_step, forward_only=False)
     update_successful, grad_norm, _ = optimizer.step()
-    if update_successful:
+    if update_successful and step_scheduler:
         scheduler.step(increment=global_batch_size)
     metrics["grad_norm"] = torch.tensor(float(grad_norm if grad_norm is not None else 0.0))
     metrics["lr"] = torch.tensor(optimizer.param_groups[0]["lr"])

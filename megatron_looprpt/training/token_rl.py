@@ -13,7 +13,7 @@ from megatron_looprpt.data.datasets import build_datasets
 from megatron_looprpt.data.prompts import generate_problems, read_problems
 from megatron_looprpt.models.builder import LoopedModelConfig
 from megatron_looprpt.rl.grpo import GRPOConfig, grpo_record, grpo_train_step
-from megatron_looprpt.rl.rpt import RPTConfig, rpt_train_step
+from megatron_looprpt.rl.rpt import DEFAULT_INSTRUCTION, RPTConfig, rpt_train_step
 from megatron_looprpt.rl.teacher import EMATeacher
 
 
@@ -28,15 +28,16 @@ class TokenRLRun:
             self.sequences, _, _ = build_datasets(args.data_path, args.split, args.seq_length, args.seed,
                                                   tokenizer, num_samples=(prompts_total, 1, 1),
                                                   mock=args.mock_data)
-            self.rpt = RPTConfig(horizon=args.rpt_horizon, min_context=args.rpt_min_context)
+            instruction = DEFAULT_INSTRUCTION if args.rpt_instruction is None else args.rpt_instruction
+            self.rpt = RPTConfig(horizon=args.rpt_horizon, min_context=args.rpt_min_context, instruction=instruction)
         else:
             self.problems = (read_problems(args.prompt_data) if args.prompt_data
                              else generate_problems(args.num_generated_prompts, seed=args.seed))
         self.cfg = GRPOConfig(
             num_samples=args.grpo_num_samples, max_new_tokens=args.max_new_tokens,
             temperature=args.sampling_temperature, top_p=args.sampling_top_p,
-            clip_eps=args.grpo_clip_eps, kl_coef=args.grpo_kl_coef,
-            step_weights=args.rltt_weights if args.rl_algo == "rltt" else "last", seed=args.seed,
+            clip_eps=args.grpo_clip_eps, kl_coef=args.grpo_kl_coef, epochs=args.grpo_epochs,
+            step_weights=(args.rltt_weights or "uniform") if args.rl_algo == "rltt" else "last", seed=args.seed,
         )
 
     def step(self, optimizer, scheduler, consumed_samples: int) -> dict:

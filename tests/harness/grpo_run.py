@@ -1,4 +1,4 @@
-"""One GRPO / RLTT step of a tiny looped model under a given layout; dumps its metrics (torchrun).
+"""Two GRPO / RLTT / RPT steps of a tiny looped model under a given layout; dumps their metrics (torchrun).
 
 The prompts are generated problems, tokenised as bytes; the reward is a fixed function of the
 sampled answer's token ids (a random-init model never answers a problem right, so the verifier
@@ -51,11 +51,14 @@ def main():
     p.add_argument("--dist-opt", action="store_true")
     p.add_argument("--weights", default="last")
     p.add_argument("--algo", choices=["grpo", "rpt"], default="grpo")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--prompts", type=int, default=4, help="prompts per step, over all data-parallel ranks")
+    p.add_argument("--micro", type=int, default=4)
     p.add_argument("--out", required=True)
     a = p.parse_args()
     parallel.initialize(a.tp, a.pp, seed=7)
     dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
-    prompts_per_step, samples, micro, seq = 4, 4, 4, 40
+    prompts_per_step, samples, micro, seq = a.prompts, 4, a.micro, 40
     cfg = LoopedModelConfig(
         num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=96,
         vocab_size=256, max_position_embeddings=64, loop_steps=2, tensor_parallel=a.tp,
@@ -67,7 +70,8 @@ def main():
         lr=1e-3, min_lr=1e-4, lr_warmup_iters=0, lr_decay_iters=10, global_batch_size=global_batch,
         use_distributed_optimizer=a.dist_opt))
     reference = EMATeacher(cfg, pm, seed=11)
-    grpo = GRPOConfig(num_samples=samples, max_new_tokens=12, kl_coef=0.1, step_weights=a.weights, seed=3)
+    grpo = GRPOConfig(num_samples=samples, max_new_tokens=12, kl_coef=0.1, step_weights=a.weights, seed=3,
+                      epochs=a.epochs)
     problems = generate_problems(2 * prompts_per_step, seed=5)
     records = []
     for step in range(2):
@@ -76,7 +80,8 @@ def main():
         if a.algo == "rpt":
             sequences = [corpus_sequence(first + i, seq) for i in range(per_rank)]
             metrics = rpt_train_step(pm, optimizer, scheduler, reference, sequences, first, ByteTokenizer(), 256,
-                                     grpo, RPTConfig(horizon=3, min_context=8), seq, micro, global_batch,
+                                     grpo, RPTConfig(horizon=3, min_context=8, instruction="?"), seq, micro,
+                                     global_batch,
                                      reward_fn=parity_reward)
         else:
             metrics = grpo_train_step(pm, optimizer, scheduler, reference, problems[first:first + per_rank],
