@@ -33,10 +33,12 @@ def ouro_config(tied: bool, loop_steps: int, num_layers: int = 2) -> dict:
         "pad_token_id": 0, "hidden_act": "silu", "hidden_size": 32, "head_dim": 8,
         "initializer_range": 0.02, "intermediate_size": 48, "max_position_embeddings": 128,
         "max_window_layers": num_layers, "num_attention_heads": 4, "num_hidden_layers": num_layers,
-        "num_key_value_heads": 2, "rms_norm_eps": 1e-6, "rope_scaling": None, "rope_theta": 10000.0,
+        # RoPE base and norm epsilon as Ouro's (not our defaults), so a field dropped on the way shows
+        "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "rope_scaling": None, "rope_theta": 1000000.0,
         "sliding_window": None, "use_sliding_window": False, "layer_types": ["full_attention"] * num_layers,
         "tie_word_embeddings": tied, "torch_dtype": "float32", "total_ut_steps": loop_steps,
         "early_exit_threshold": 1.0, "use_cache": True, "vocab_size": VOCAB, "transformers_version": "4.55.0",
+        "custom_note": "a field the converter does not know",
     }
 
 
@@ -252,13 +254,20 @@ def test_dtype_and_resharding_between_megatron_checkpoints(tmp_path):
     src = tmp_path / "hf"
     weights = write_hf(src, tied=True)
     convert_ok("--source-format", "hf", "--target-format", "mcore", "--load-dir", src,
-               "--save-dir", tmp_path / "tp2", "--target-tensor-parallel-size", 2, "--dtype", "bf16")
+               "--save-dir", tmp_path / "tp2", "--target-tensor-parallel-size", 2, "--dtype", "bf16",
+               "--make-vocab-size-divisible-by", 8)
     convert_ok("--source-format", "mcore", "--target-format", "mcore", "--load-dir", tmp_path / "tp2",
                "--save-dir", tmp_path / "tp1")
     from megatron_looprpt.training.checkpointing import read_checkpoint_args
 
-    resharded = read_checkpoint_args(str(tmp_path / "tp1"))
-    assert (resharded["padded_vocab_size"], resharded["tensor_model_parallel_size"], resharded["bf16"]) == (128, 1, True)
+    source, resharded = (read_checkpoint_args(str(tmp_path / d)) for d in ("tp2", "tp1"))
+    # the padding rule is the source run's (8 x TP: 112 rows at TP=2, 104 at TP=1); the rest of
+    # its arguments (tokenizer, sequence length, the Hugging Face config) carry over
+    assert source["padded_vocab_size"] == 112
+    assert (resharded["padded_vocab_size"], resharded["tensor_model_parallel_size"], resharded["bf16"]) == (104, 1, True)
+    for name in ("make_vocab_size_divisible_by", "tokenizer_type", "seq_length", "hf_config", "rotary_base"):
+        assert resharded[name] == source[name], name
+    assert resharded["tokenizer_model"] == str(tmp_path / "tp1" / "hf_assets" / "tokenizer.json")
     convert_ok("--source-format", "mcore", "--target-format", "hf", "--load-dir", tmp_path / "tp1",
                "--save-dir", tmp_path / "back", "--dtype", "fp32")
     restored = read_hf(tmp_path / "back")
@@ -346,6 +355,10 @@ def test_pretraining_continues_from_a_converted_checkpoint_and_exports_back(tmp_
     refused = run("pretrain_looprpt.py", 1, argv, timeout=300)
     assert refused.returncode != 0
     assert "padded vocabulary 128 (from the tokenizer or --vocab-size) but the checkpoint has 256" in refused.stderr
+    # what the weights were trained to expect is part of the shape: Ouro's RoPE base, its epsilon
+    assert "--rotary-base 10000 but the checkpoint has 1000000.0" in refused.stderr
+    assert "--norm-epsilon 1e-06 but the checkpoint has 1e-05" in refused.stderr
+    argv += ["--rotary-base", 1000000, "--norm-epsilon", 1e-5]
 
     result = run("pretrain_looprpt.py", 4, [*argv, "--tensor-model-parallel-size", 2,
                                             "--pipeline-model-parallel-size", 2], timeout=600)
@@ -362,7 +375,9 @@ def test_pretraining_continues_from_a_converted_checkpoint_and_exports_back(tmp_
     changed = [name for name in original if not torch.equal(trained[name], original[name])]
     assert "model.layers.0.mlp.down_proj.weight" in changed and "model.early_exit_gate.bias" in changed
     assert (export / "tokenizer.json").read_bytes() == (src / "tokenizer.json").read_bytes()
-    assert json.loads((export / "config.json").read_text())["total_ut_steps"] == 2
+    # every config.json field survives training (the run's --exit-threshold 0.9 is not Ouro's
+    # inference default, which stays the source's)
+    assert json.loads((export / "config.json").read_text()) == json.loads((src / "config.json").read_text())
 
     for load_dir, iteration in ((ckpt, 0), (run_dir, 2)):
         out = tmp_path / f"eval_{iteration}"

@@ -145,19 +145,21 @@ class OuroArchitecture:
             rope_theta=float(args.get("rotary_base", 10000)),
             rms_norm_eps=args.get("norm_epsilon", 1e-6),
             tie_word_embeddings=not args.get("untie_embeddings_and_output_weights", True),
-            early_exit_threshold=args.get("exit_threshold") or 1.0,
+            early_exit_threshold=_exit_threshold(args),
             initializer_range=args.get("init_method_std", 0.02),
             torch_dtype="bfloat16" if args.get("bf16") else "float32",
             hf_config=copy.deepcopy(args.get("hf_config") or {}),
         )
 
     def checkpoint_args(self, tensor_parallel: int, pipeline_parallel: int, divisible_by: int,
-                        tokenizer_json: Optional[str], bf16: bool) -> Dict[str, Any]:
+                        tokenizer_json: Optional[str], bf16: bool,
+                        source_args: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
         """The run arguments a converted checkpoint carries: enough for ``--load``,
-        ``tools/evaluate.py`` and the way back to Hugging Face."""
+        ``tools/evaluate.py`` and the way back to Hugging Face. ``source_args``: a megatron
+        source's own (its tokenizer, sequence length, ... stay as they were)."""
         from megatron_looprpt.arguments import build_parser
 
-        args = vars(build_parser().parse_args([]))
+        args = copy.deepcopy(source_args) if source_args else vars(build_parser().parse_args([]))
         args.update(
             num_layers=self.num_layers,
             hidden_size=self.hidden_size,
@@ -200,3 +202,14 @@ class OuroArchitecture:
             raise ConversionError(
                 f"--target-pipeline-model-parallel-size {pipeline_parallel}: {self.num_layers} "
                 f"layers do not split into {pipeline_parallel} stages (choose a divisor)")
+
+
+def _exit_threshold(args: Dict[str, Any]) -> Optional[float]:
+    """Ouro's early_exit_threshold is an inference default: a checkpoint that came from Hugging
+    Face keeps its source's, whatever --exit-threshold its later training ran with; a model
+    trained here exports the threshold it trained with."""
+    hf_config = args.get("hf_config") or {}
+    if "early_exit_threshold" in hf_config:
+        return hf_config["early_exit_threshold"]
+    threshold = args.get("exit_threshold")
+    return 1.0 if threshold is None else threshold

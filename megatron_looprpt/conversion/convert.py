@@ -31,7 +31,7 @@ class ConvertOptions:
     target_pipeline_model_parallel_size: Optional[int] = None
     dtype: Optional[str] = None            # None: keep the source's
     vocab_size: Optional[int] = None       # mcore source: the true vocabulary, if not derivable
-    make_vocab_size_divisible_by: int = 128
+    make_vocab_size_divisible_by: Optional[int] = None   # None: a megatron source's, else 128
     max_shard_size: str = "2GB"
     source_model: str = "student"          # mcore source: or LoopRPT's EMA "teacher"
     hf_assets: Optional[str] = None        # extra files for an HF target (Ouro's remote code, ...)
@@ -63,9 +63,11 @@ def _save_hf(loader, o: ConvertOptions) -> str:
 
 
 def _save_mcore(loader, o: ConvertOptions) -> str:
+    source_args = getattr(loader, "args", None)     # a megatron source: its run arguments
+    divisible_by = o.make_vocab_size_divisible_by or (source_args or {}).get("make_vocab_size_divisible_by") or 128
     return save_mcore(loader.arch, loader.get, _target_dtype(loader, o), o.save_dir,
                       o.target_tensor_parallel_size or 1, o.target_pipeline_model_parallel_size or 1,
-                      o.make_vocab_size_divisible_by, _assets(loader, o))
+                      divisible_by, _assets(loader, o), source_args)
 
 
 LOADERS: Dict[str, Callable] = {"hf": _open_hf, "mcore": _open_mcore}
@@ -85,7 +87,7 @@ def check_options(o: ConvertOptions) -> None:
                               "apply to --target-format mcore only")
     if o.source_format != "mcore" and (o.vocab_size is not None or o.source_model != "student"):
         raise ConversionError("--vocab-size and --source-model apply to --source-format mcore only")
-    if o.make_vocab_size_divisible_by < 1:
+    if o.make_vocab_size_divisible_by is not None and o.make_vocab_size_divisible_by < 1:
         raise ConversionError(f"--make-vocab-size-divisible-by must be >= 1, got {o.make_vocab_size_divisible_by}")
     if not os.path.isdir(o.load_dir):
         raise ConversionError(f"--load-dir {o.load_dir} is not a directory")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from typing import Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 from megatron.core import dist_checkpointing
@@ -94,10 +94,11 @@ def _planned(key: str, shape: Tuple[int, ...], dtype: torch.dtype, layer: Option
 
 
 def save_mcore(arch: OuroArchitecture, get, dtype: torch.dtype, save_dir: str, tensor_parallel: int,
-               pipeline_parallel: int, divisible_by: int, assets: Dict[str, str]) -> str:
+               pipeline_parallel: int, divisible_by: int, assets: Dict[str, str],
+               source_args: Optional[Dict[str, Any]] = None) -> str:
     """Write the model (``get(hf_name) -> tensor``) as iteration 0 of ``save_dir`` for
     ``--load`` under TP x PP (and any layout that pads the vocabulary alike). Returns the
-    checkpoint directory."""
+    checkpoint directory. ``source_args``: the run arguments of a megatron source."""
     arch.check_layout(tensor_parallel, pipeline_parallel, "--target-format mcore")
     padded = pad_vocab_size(arch.vocab_size, divisible_by, tensor_parallel)
     asset_dir = os.path.abspath(os.path.join(save_dir, ASSETS_DIR))
@@ -107,7 +108,7 @@ def save_mcore(arch: OuroArchitecture, get, dtype: torch.dtype, save_dir: str, t
     tokenizer = os.path.join(asset_dir, "tokenizer.json")
     args = arch.checkpoint_args(tensor_parallel, pipeline_parallel, divisible_by,
                                 tokenizer if os.path.isfile(tokenizer) else None,
-                                bf16=dtype == torch.bfloat16)
+                                bf16=dtype == torch.bfloat16, source_args=source_args)
 
     def materialize(key: str, layer: Optional[int]) -> torch.Tensor:
         if layer is None:

@@ -76,6 +76,13 @@ def _saved_args(args) -> Optional[dict]:
     return saved
 
 
+def _adopt_checkpoint_hf_config(args, saved: Optional[dict]) -> None:
+    """A checkpoint converted from Hugging Face carries its source config.json; every checkpoint
+    this run saves carries it on, so that the export writes it back whole."""
+    if saved and saved.get("hf_config") and not getattr(args, "hf_config", None):
+        args.hf_config = saved["hf_config"]
+
+
 def _adopt_checkpoint_vocab(args, saved: Optional[dict]) -> None:
     """A converted Hugging Face checkpoint may have more vocabulary rows than its tokenizer has
     tokens (the config's vocab_size); without --vocab-size, the model keeps the checkpoint's."""
@@ -123,6 +130,7 @@ def pretrain(args) -> dict:
     """Train according to ``args`` (already parsed and validated); returns a summary."""
     saved = _saved_args(args)
     _adopt_checkpoint_vocab(args, saved)
+    _adopt_checkpoint_hf_config(args, saved)
     tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_size)
     vocab_size = model_vocab_size(tokenizer, args.vocab_size)
     cfg = model_config(args, vocab_size)

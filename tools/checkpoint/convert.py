@@ -40,8 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mcore target: the TP size it will be loaded with (sets the vocabulary padding; default 1)")
     p.add_argument("--target-pipeline-model-parallel-size", type=int, default=None,
                    help="mcore target: the PP size it will be loaded with (checked to divide the layers; default 1)")
-    p.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
-                   help="mcore target: pad the vocabulary to a multiple of this x TP (default 128, as pretraining)")
+    p.add_argument("--make-vocab-size-divisible-by", type=int, default=None,
+                   help="mcore target: pad the vocabulary to a multiple of this x TP (default: a megatron "
+                        "source's, else 128, as pretraining)")
     p.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: the source's)")
     p.add_argument("--max-shard-size", default="2GB", help="hf target: largest safetensors shard (default 2GB)")
     p.add_argument("--vocab-size", type=int, default=None,
