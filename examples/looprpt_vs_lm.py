@@ -6,9 +6,11 @@ Uses the quickstart's data and stage-1 checkpoint (running the quickstart first 
 missing), continues the stage-1 model for the same number of iterations with (a) the stage-1 LM
 objective and (b) LoopRPT, both with a fresh optimizer and the same learning-rate schedule, then
 evaluates both on the held-out split with tools/evaluate.py: per-step next-token accuracy on all
-tokens and by difficulty (buckets by the stage-1 model's last-step entropy), the average exit
-step, and accuracy against the average number of loop steps used (the Q-exit sweep: accuracy at
-matched inference compute). Writes runs/.../looprpt_vs_lm/report.md and prints it.
+tokens and by difficulty (buckets at the 50% and 80% quantiles of the stage-1 model's last-step
+entropy: "hard" is the 20% of tokens it is least sure of, as LoopRPT trains on the top 20% by the
+teacher's entropy), the average exit step, and accuracy against the average number of loop steps
+used (the Q-exit sweep: accuracy at matched inference compute), with each method's median
+training iteration time. Writes runs/.../looprpt_vs_lm/report.md and prints it.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ def parse():
 
 
 TRACKER = "latest_checkpointed_iteration.txt"
+DIFFICULTY_QUANTILES = ("0.5", "0.8")
 # The objective of each method; both continue with the same schedule (continuation_flags).
 METHOD_FLAGS = {"lm": [], "looprpt": ["--rl-algo", "looprpt", "--rl-num-rollouts", "4"]}
 
@@ -87,21 +90,35 @@ def main():
 
     parallel.destroy()
     eval_dir = os.path.join(out, "evaluation")
-    subprocess.run(evaluate_command(lm_dir, eval_dir, a.eval_iters, compare=rl_dir, reference=stage1),
+    subprocess.run(evaluate_command(lm_dir, eval_dir, a.eval_iters, compare=rl_dir, reference=stage1,
+                                    extra=["--difficulty-quantiles", *DIFFICULTY_QUANTILES]),
                    check=True, env={**os.environ, "PYTHONPATH": ROOT})
-    report = render(json.load(open(os.path.join(eval_dir, "evaluation.json"))), a.iters)
+    with open(os.path.join(eval_dir, "evaluation.json")) as f:
+        evaluation = json.load(f)
+    times = {method: median_iteration_time(os.path.join(out, method, "log.jsonl")) for method in ("lm", "looprpt")}
+    report = render(evaluation, a.iters, times)
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write(report)
     print(report)
 
 
-def render(evaluation: dict, iters: int) -> str:
+def median_iteration_time(log_path: str) -> float:
+    with open(log_path) as f:
+        times = sorted(record["iteration_time"] for record in map(json.loads, f) if "iteration_time" in record)
+    return times[len(times) // 2]
+
+
+def render(evaluation: dict, iters: int, times: dict) -> str:
     lm, rl = evaluation["models"]
     names = {"load": "continued LM", "compare": "LoopRPT"}
+    difficulty = evaluation["difficulty"]
+    thresholds = ", ".join(f"{t:.3f}" for t in difficulty["thresholds"])
     lines = [f"# LoopRPT vs continued LM pre-training ({iters} iterations from the same stage-1 checkpoint)", "",
-             f"Held-out tokens: {lm['num_tokens']}; difficulty buckets by the stage-1 model's last-step entropy "
-             f"(thresholds {evaluation['difficulty']['thresholds']} nats): "
+             f"Held-out tokens: {lm['num_tokens']} (each scored once); difficulty buckets by the stage-1 model's "
+             f"last-step entropy at its {' and '.join(DIFFICULTY_QUANTILES)} quantiles ({thresholds} nats): "
              + ", ".join(f"{b} {lm['buckets'][b]['fraction']:.0%}" for b in ("easy", "medium", "hard")), "",
+             f"Median training iteration: continued LM {times['lm']:.2f} s, LoopRPT {times['looprpt']:.2f} s "
+             f"({times['looprpt'] / times['lm']:.2f}x)", "",
              "| method | step | accuracy (all) | accuracy (hard) | NLL (all) |", "| --- | --- | --- | --- | --- |"]
     for model in (lm, rl):
         for step in model["per_step"]:

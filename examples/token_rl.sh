@@ -17,7 +17,7 @@ fi
 OUT="runs/token_rl/$ALGO"
 DATA=()
 if [ "$ALGO" = rpt ]; then
-  DATA=(--data-path 0.7 "$ROOT/data/text_text_document" 0.3 "$ROOT/data/reasoning_text_document" --split 98,2,0)
+  DATA=(--data-path 0.7 "$ROOT/data/text_text_document" 0.3 "$ROOT/data/reasoning_text_document" --split 90,10,0)
 fi
 python pretrain_looprpt.py --model-size tiny \
   --tokenizer-type SentencePieceTokenizer --tokenizer-model "$ROOT/data/tokenizer.model" \

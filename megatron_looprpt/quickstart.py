@@ -48,7 +48,7 @@ def _common_flags(tokenizer: str, prefixes: list) -> list:
     return [
         "--model-size", "tiny",
         "--data-path", "0.7", prefixes[0], "0.3", prefixes[1],
-        "--split", "98,2,0",
+        "--split", "90,10,0",
         "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", tokenizer,
         "--micro-batch-size", "8", "--global-batch-size", "16",
         "--lr-decay-style", "cosine", "--weight-decay", "0.1", "--clip-grad", "1.0",

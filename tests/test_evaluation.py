@@ -1,6 +1,8 @@
-"""Evaluation: the metrics on hand-built inputs with known answers, then tools/evaluate.py end to
-end on a real indexed dataset and a checkpoint trained by pretrain_looprpt.py, in one process and
-under TP=2, PP=2 and DP=2 (the same numbers), plus its one-line errors."""
+"""Evaluation: the metrics on hand-built inputs with known answers (partial loss masks, saturated
+gates, entropy quantiles), the held-out split's size against megatron's dataset, then
+tools/evaluate.py end to end on a real indexed dataset and a checkpoint trained by
+pretrain_looprpt.py, in one process and under TP=2, PP=2 and DP=2 (the same numbers, with fixed
+and with quantile difficulty thresholds), plus its one-line errors."""
 
 import importlib.util
 import json
@@ -15,6 +17,7 @@ import torch
 
 from megatron_looprpt.evaluation import metrics
 from megatron_looprpt.evaluation.metrics import MetricSpec
+from megatron_looprpt.models.exit_gate import exit_distribution, q_exit_steps
 from tests.torchrun import ROOT, run
 
 EVALUATE = "tools/evaluate.py"
@@ -127,11 +130,151 @@ def test_summarize_reports_empty_buckets_as_null():
     assert summary["per_step"][0]["by_bucket"]["hard"]["accuracy"] == pytest.approx(2 / 3)
 
 
+def _partially_masked_batch():
+    """T=2 steps, 5 tokens, the last one masked out with values that would change every sum.
+    Gates +40 / -40 / 0 give exit distributions (1, 0), (0, 1), (1/2, 1/2) up to e^-40."""
+    labels = torch.tensor([[1, 2, 3, 4, 5]])
+    predictions = torch.tensor([[[1, 0, 3, 0, 5]], [[1, 2, 0, 4, 5]]])  # right: 1 0 1 0 (1) / 1 1 0 1 (1)
+    label_logprobs = torch.log(torch.tensor([[[1 / 2, 1 / 4, 1 / 2, 1 / 8, 1 / 16]],
+                                             [[1 / 4, 1 / 2, 1 / 4, 1 / 2, 1 / 16]]]))
+    entropy = torch.tensor([[[1.0, 2.0, 3.0, 4.0, 10.0]], [[0.5, 1.0, 1.5, 2.0, 10.0]]])
+    gate_logits = torch.tensor([[[40.0, -40.0, 0.0, -40.0, -40.0]], [[0.0] * 5]])
+    reference_entropy = torch.tensor([[0.5, 2.0, 5.0, 4.0, 6.0]])     # easy, medium, hard, hard, (hard)
+    mask = torch.tensor([[1.0, 1.0, 1.0, 1.0, 0.0]])
+    return labels, mask, label_logprobs, predictions, entropy, gate_logits, reference_entropy
+
+
+# q=0.4 rather than 0.5: the lambda=1/2 token's CDF after step 1 is 1/2 only up to rounding.
+MASKED_SPEC = MetricSpec(exit_thresholds=(0.4, 1.0), default_threshold=0.4, difficulty_thresholds=(1.0, 3.0))
+
+
+def test_token_sums_with_a_partial_mask_known_answers():
+    sums = metrics.token_sums(*_partially_masked_batch(), MASKED_SPEC)
+    ln2 = math.log(2)
+    assert sums["tokens"].tolist() == [4.0]
+    assert sums["step_correct"].tolist() == [2.0, 3.0]
+    assert sums["step_nll"].tolist() == pytest.approx([7 * ln2, 6 * ln2])   # ln 2+4+2+8, ln 4+2+4+2
+    assert sums["step_entropy"].tolist() == pytest.approx([10.0, 5.0])
+    assert sums["bucket_tokens"].tolist() == [1.0, 1.0, 2.0]
+    assert sums["bucket_reference_entropy"].tolist() == pytest.approx([0.5, 2.0, 9.0])
+    assert sums["bucket_step_correct"].tolist() == [[1.0, 1.0], [0.0, 1.0], [1.0, 1.0]]
+    assert torch.allclose(sums["bucket_step_nll"], torch.tensor([[1.0, 2.0], [2.0, 1.0], [4.0, 3.0]]) * ln2)
+    # q=0.4: tokens exit after 1, 2, 1, 2 steps, each at a right prediction; q=1: 2 steps each.
+    assert sums["sweep_correct"].tolist() == [4.0, 3.0]
+    assert sums["sweep_steps"].tolist() == [6.0, 8.0]
+    assert sums["exit_correct"].tolist() == [1.0, 1.0, 2.0]
+    assert sums["exit_steps"].tolist() == [1.0, 2.0, 3.0]
+    assert sums["exit_expected_step"].tolist() == pytest.approx([1.0, 2.0, 3.5])
+
+
+def test_summarize_with_a_partial_mask_known_answers():
+    summary = metrics.summarize(metrics.token_sums(*_partially_masked_batch(), MASKED_SPEC), MASKED_SPEC)
+    ln2 = math.log(2)
+    assert summary["num_tokens"] == 4
+    assert [s["entropy"] for s in summary["per_step"]] == pytest.approx([2.5, 1.25])
+    assert [s["nll"] for s in summary["per_step"]] == pytest.approx([7 * ln2 / 4, 6 * ln2 / 4])
+    assert [s["by_bucket"]["hard"]["nll"] for s in summary["per_step"]] == pytest.approx([2 * ln2, 1.5 * ln2])
+    assert [s["by_bucket"]["medium"]["nll"] for s in summary["per_step"]] == pytest.approx([2 * ln2, ln2])
+    assert [summary["buckets"][b]["mean_reference_entropy"] for b in metrics.BUCKETS] == pytest.approx([0.5, 2.0, 4.5])
+    assert summary["buckets"]["hard"]["avg_exit_steps"] == 1.5
+    assert [p["avg_steps"] for p in summary["q_sweep"]] == [1.5, 2.0]
+    assert summary["q_exit"]["expected_exit_step"] == pytest.approx(6.5 / 4)
+
+
+def test_q_exit_at_one_runs_to_the_last_step_when_the_gate_saturates():
+    """A gate logit of 40 makes the exit CDF exactly 1.0 (in float64) after step 1: q < 1 exits
+    there, q = 1 still runs every step."""
+    labels = torch.tensor([[1, 2]])
+    predictions = torch.tensor([[[1, 0]], [[0, 0]], [[1, 2]]])          # T=3: right at step 1 and 3
+    gate_logits = torch.full((3, 1, 2), 40.0)
+    probs = exit_distribution(gate_logits.double())
+    assert torch.cumsum(probs, dim=0)[0].tolist() == [[1.0, 1.0]]
+    assert q_exit_steps(probs, 1.0).tolist() == [[2, 2]]
+    assert q_exit_steps(probs, 0.999).tolist() == [[0, 0]]
+    spec = MetricSpec(exit_thresholds=(0.3, 0.6, 1.0), default_threshold=1.0)
+    batch = (labels, torch.ones(1, 2), torch.zeros(3, 1, 2), predictions, torch.zeros(3, 1, 2), gate_logits,
+             torch.zeros(1, 2))
+    summary = metrics.summarize(metrics.token_sums(*batch, spec), spec)
+    assert [(p["avg_steps"], p["accuracy"]) for p in summary["q_sweep"]] == [(1.0, 0.5), (1.0, 0.5), (3.0, 1.0)]
+    assert (summary["q_exit"]["avg_steps"], summary["q_exit"]["accuracy"]) == (3.0, 1.0)
+    # One frontier entry per distinct point, naming every q (and fixed depth) that reaches it;
+    # fixed depth 2 (2 steps, accuracy 0) is dominated.
+    assert summary["pareto_frontier"] == [
+        {"label": "q=0.3,0.6 / fixed 1", "q": [0.3, 0.6], "avg_steps": 1.0, "accuracy": 0.5},
+        {"label": "q=1 / fixed 3", "q": [1.0], "avg_steps": 3.0, "accuracy": 1.0},
+    ]
+
+
+def test_entropy_quantiles_interpolate_between_order_statistics():
+    values = torch.tensor([7.0, 3.0, 10.0, 0.0, 5.0, 1.0, 9.0, 2.0, 8.0, 4.0, 6.0])   # 0..10 shuffled
+    assert metrics.entropy_quantiles(values, (0.5, 0.8)) == pytest.approx((5.0, 8.0))
+    assert metrics.entropy_quantiles(values, (0.0, 1.0)) == (0.0, 10.0)
+    # Between order statistics: 0.25 of the way from the 2nd to the 3rd of 1, 2, 3, 4 (and 2D input).
+    assert metrics.entropy_quantiles(torch.tensor([[4.0, 1.0], [3.0, 2.0]]), (0.5, 0.75)) == pytest.approx((2.5, 3.25))
+    assert metrics.entropy_quantiles(torch.tensor([2.0]), (0.2, 0.9)) == (2.0, 2.0)
+    with pytest.raises(ValueError):
+        metrics.entropy_quantiles(torch.tensor([]), (0.5,))
+
+
 def test_pareto_frontier():
     points = [(1, 0.5), (2, 0.7), (2, 0.6), (3, 0.7), (1, 0.5), (0.5, 0.2)]
     # (2, 0.6) and (3, 0.7) are dominated by (2, 0.7); the two equal points dominate neither.
     assert metrics.pareto_frontier(points) == [5, 0, 4, 1]
     assert metrics.pareto_frontier([]) == []
+
+
+# ------------------------------------------------------------------------------------------
+# held-out sequences: what megatron's GPTDataset gives before it repeats a document
+# ------------------------------------------------------------------------------------------
+def _unique_token_prefix(root, name, num_docs, first_token):
+    """Documents of 10 tokens each, every token id used once in the whole dataset (no eod)."""
+    from megatron_looprpt.data.datasets import preprocess_jsonl
+
+    path = root / f"{name}.jsonl"
+    with open(path, "w") as f:
+        for d in range(num_docs):
+            ids = range(first_token + 10 * d, first_token + 10 * d + 10)
+            f.write(json.dumps({"text": " ".join(map(str, ids))}) + "\n")
+    return preprocess_jsonl(str(path), str(root / name), "NullTokenizer", vocab_size=4096, append_eod=False)["text"]
+
+
+def _valid_split(data_path, num_samples):
+    from megatron_looprpt.data.datasets import build_datasets
+    from megatron_looprpt.data.tokenizers import build_tokenizer
+
+    return build_datasets(data_path, "50,50,0", 8, 1234, build_tokenizer("NullTokenizer", None, 4096),
+                          num_samples=(1, num_samples, 1))[1]
+
+
+def _epochs(gpt_dataset, docs_in_split):
+    return len(gpt_dataset.document_index) / docs_in_split
+
+
+def test_split_sequences_is_one_epoch_of_megatrons_dataset(tmp_path):
+    from megatron_looprpt.data.datasets import split_sequences
+
+    def held_out_sequences(data_path, split, name, seq_length):
+        return split_sequences(data_path, split, 1 if name == "valid" else 2, seq_length)
+
+    a = _unique_token_prefix(tmp_path, "a", 40, first_token=0)       # valid split: 20 docs, 200 tokens
+    b = _unique_token_prefix(tmp_path, "b", 20, first_token=1000)    # valid split: 10 docs, 100 tokens
+    # 200 tokens, one of them read past the last sequence of 8: 24 sequences.
+    assert held_out_sequences([a], "50,50,0", "valid", 8) == 24
+    one_epoch = _valid_split([a], 24)
+    tokens = torch.cat([one_epoch[i]["tokens"] for i in range(24)])
+    assert _epochs(one_epoch, 20) == 1 and len(set(tokens.tolist())) == 24 * 8
+    assert _epochs(_valid_split([a], 25), 20) == 2                    # one more starts over
+    # A 0.7/0.3 blend asks each dataset for ceil(ceil(0.7 N) * 1.005) and ceil(ceil(0.3 N) * 1.005)
+    # sequences; a holds 24, b 12: N = 32 (23 -> 24 and 10 -> 11), N = 33 would take 25 of a.
+    blend = ["0.7", a, "0.3", b]
+    assert held_out_sequences(blend, "50,50,0", "valid", 8) == 32
+    blended = _valid_split(blend, 32)
+    assert [_epochs(d, n) for d, n in zip(blended.datasets, (20, 10))] == [1, 1]
+    tokens = torch.cat([blended[i]["tokens"] for i in range(32)])
+    assert len(set(tokens.tolist())) == 32 * 8
+    assert _epochs(_valid_split(blend, 33).datasets[0], 20) == 2
+    # Without weights megatron takes one epoch of each.
+    assert held_out_sequences([a, b], "50,50,0", "valid", 8) == 24 + 12
 
 
 # ------------------------------------------------------------------------------------------
@@ -203,10 +346,35 @@ def single_explicit_reference(trained, tmp_path_factory):
     return evaluate(1, _explicit_reference_args(trained), tmp_path_factory.mktemp("single_ref"))
 
 
+def _quantile_args(trained):
+    # --eval-iters 100 asks for 800 sequences: more than the valid split holds.
+    return ["--load", trained["ckpt"], "--compare", trained["early"], "--eval-iters", "100",
+            "--difficulty-quantiles", "0.3", "0.7"]
+
+
+@pytest.fixture(scope="module")
+def single_quantiles(trained, tmp_path_factory):
+    """One process, difficulty by quantiles, more batches asked for than the split holds."""
+    return evaluate(1, _quantile_args(trained), tmp_path_factory.mktemp("single_quantiles"))
+
+
+def _valid_sequences(prefix, seq_length=32):
+    """Sequences of 32 tokens in the 80,10,10 split's valid documents (240-269 of 300), less the
+    one token read past the last sequence."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    indexed = IndexedDataset(prefix)
+    return (int(indexed.sequence_lengths[240:270].sum()) - 1) // seq_length
+
+
 def test_report_fields_and_console_table(single, trained):
     report, stdout = single
     assert report["schema"] == "megatron_looprpt.evaluation/1"
     assert report["data"]["split_name"] == "valid" and report["data"]["global_batch_size"] == 8
+    assert report["data"]["eval_iters"] == report["data"]["evaluated_batches"] == 3
+    assert report["data"]["split_sequences"] == _valid_sequences(trained["prefix"])
+    assert "capped" not in stdout and "asks for" not in stdout
+    assert report["difficulty"]["quantiles"] is None
     assert report["difficulty"]["thresholds"] == [0.5, 2.0]
     assert report["exit_thresholds"] == pytest.approx([0.1 * i for i in range(1, 11)])
     load, compare = report["models"]
@@ -240,6 +408,32 @@ def test_report_fields_and_console_table(single, trained):
         for key in ("tokens", "mean_reference_entropy"):
             assert load["buckets"][bucket][key] == compare["buckets"][bucket][key]
     assert "q avg steps" in stdout and "Pareto frontier" in stdout and "hard acc" in stdout
+
+
+def test_eval_iters_capped_at_the_split_and_quantile_buckets(single_quantiles, trained):
+    report, stdout = single_quantiles
+    held = _valid_sequences(trained["prefix"])
+    batches = held // 8
+    assert 1 <= batches < 100
+    assert f"--eval-iters 100 asks for 800 sequences, the valid split holds {held}: evaluating {batches} batches" in stdout
+    data = report["data"]
+    assert (data["eval_iters"], data["evaluated_batches"], data["split_sequences"]) == (100, batches, held)
+    difficulty = report["difficulty"]
+    assert difficulty["quantiles"] == [0.3, 0.7]
+    t1, t2 = difficulty["thresholds"]
+    assert 0.0 < t1 < t2
+    assert difficulty["buckets"]["hard"] == f"{t2:.4g} <= H"
+    load, compare = report["models"]
+    tokens = batches * 8 * 32
+    assert load["num_tokens"] == compare["num_tokens"] == tokens
+    assert difficulty["bucket_tokens"] == {b: load["buckets"][b]["tokens"] for b in metrics.BUCKETS}
+    # Quantiles of the evaluated tokens' entropies: 30% / 40% / 30% of them, to a token or two.
+    for bucket, share in (("easy", 0.3), ("medium", 0.4), ("hard", 0.3)):
+        assert abs(load["buckets"][bucket]["fraction"] - share) <= 2 / tokens, bucket
+        assert compare["buckets"][bucket]["tokens"] == load["buckets"][bucket]["tokens"]
+    assert load["buckets"]["easy"]["mean_reference_entropy"] < t1 <= load["buckets"]["medium"]["mean_reference_entropy"]
+    assert f"{batches} x 8 sequences of 32 tokens (--eval-iters 100 capped" in stdout
+    assert "thresholds quantiles 0.3, 0.7 = " in stdout
 
 
 def test_plots_written_when_matplotlib_is_installed(single, trained):
@@ -279,12 +473,22 @@ _FLOAT_SUMS = ("nll", "entropy", "mean_reference_entropy", "expected_exit_step")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("nproc,flags", [(2, ["--tensor-model-parallel-size", "2"]),
-                                         (2, ["--pipeline-model-parallel-size", "2"]),
-                                         (2, [])], ids=["tp2", "pp2", "dp2"])
-def test_layouts_give_the_single_process_numbers(trained, single_explicit_reference, tmp_path, nproc, flags):
-    expected = dict(_numbers(single_explicit_reference[0]["models"]))
-    got_report, _ = evaluate(nproc, [*_explicit_reference_args(trained), *flags], tmp_path)
+@pytest.mark.parametrize("nproc,flags,quantiles", [(2, ["--tensor-model-parallel-size", "2"], False),
+                                                   (2, ["--pipeline-model-parallel-size", "2"], False),
+                                                   (2, [], False),
+                                                   (2, ["--pipeline-model-parallel-size", "2"], True),
+                                                   (2, [], True)],
+                         ids=["tp2", "pp2", "dp2", "pp2-quantiles", "dp2-quantiles"])
+def test_layouts_give_the_single_process_numbers(trained, request, tmp_path, nproc, flags, quantiles):
+    """``quantiles``: difficulty by quantiles over more batches than the split holds, so the
+    entropies are gathered over DP ranks, the thresholds shared with every pipeline stage and
+    the batch count capped alike on every rank."""
+    single_report = request.getfixturevalue("single_quantiles" if quantiles else "single_explicit_reference")[0]
+    argv = _quantile_args(trained) if quantiles else _explicit_reference_args(trained)
+    got_report, _ = evaluate(nproc, [*argv, *flags], tmp_path)
+    assert got_report["data"] == single_report["data"]
+    assert got_report["difficulty"]["thresholds"] == pytest.approx(single_report["difficulty"]["thresholds"], rel=1e-6)
+    expected = dict(_numbers(single_report["models"]))
     got = dict(_numbers(got_report["models"]))
     assert got.keys() == expected.keys()
     for key, value in expected.items():
@@ -332,5 +536,15 @@ def test_errors_name_the_flag(trained, tmp_path, capsys):
     assert "--exit-thresholds" in _error(capsys, ["--load", trained["ckpt"], "--exit-thresholds", "0", "0.5"])
     err = _error(capsys, ["--load", trained["ckpt"], "--difficulty-thresholds", "3", "1"])
     assert "--difficulty-thresholds" in err
+    assert "--difficulty-quantiles" in _error(capsys, ["--load", trained["ckpt"], "--difficulty-quantiles", "0.8", "0.5"])
+    with pytest.raises(SystemExit):   # argparse: one or the other
+        _evaluate_main()(["--load", trained["ckpt"], "--difficulty-quantiles", "0.5", "0.8",
+                          "--difficulty-thresholds", "1", "3"])
+    assert "not allowed with" in capsys.readouterr().err
+    err = _error(capsys, ["--load", trained["ckpt"], "--data-path"])
+    assert err.startswith("evaluate.py: error: --data-path") and "mock" not in err
+    err = _error(capsys, ["--load", trained["ckpt"], "--global-batch-size", "64"])   # the split holds < 64
+    assert all(flag in err for flag in ("--eval-iters", "--global-batch-size", "--split"))
+    assert "no documents" in _error(capsys, ["--load", trained["ckpt"], "--split", "90,0,10"])
     err = _error(capsys, ["--load", trained["ckpt"], "--pipeline-model-parallel-size", "3"])
     assert "--load" in err and "--pipeline-model-parallel-size" in err

@@ -43,7 +43,8 @@ def test_layout_matches_single_process(layout, loops, tmp_path, tmp_path_factory
     assert got[0]["loss"] != got[-1]["loss"]
 
 
-RL_LAYOUTS = {k: LAYOUTS[k] for k in ("tp2_sp", "pp2", "dp2_distopt", "tp2_pp2_sp")}
+# TP=2 without SP: every TP rank draws the noise of every position (with SP each draws its own part)
+RL_LAYOUTS = {k: LAYOUTS[k] for k in ("tp2", "tp2_sp", "pp2", "dp2_distopt", "tp2_pp2_sp")}
 _rl_reference = {}
 # The policy-gradient term is a sum of +-advantage * log-prob that nearly cancels; its
 # round-off is judged against the size of the terms, not against the tiny sum.
@@ -59,6 +60,7 @@ def test_looprpt_layout_matches_single_process(layout, tmp_path, tmp_path_factor
     expected = _rl_reference["ref"]
     nproc, flags = RL_LAYOUTS[layout]
     got = run_json("tests/harness/layout_run.py", nproc, [*flags, "--rl"], tmp_path / "run.json")
+    assert len(got) == len(expected) == 3
     for g, e in zip(got, expected):
         for key, value in e.items():
             for gv, ev in zip(g[key] if isinstance(value, list) else [g[key]],

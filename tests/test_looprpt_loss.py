@@ -273,6 +273,22 @@ def test_policy_gradient_flows_only_through_rollout_gates():
     assert student.logp.grad.abs().sum() == 0 and student.gate_logits.grad.abs().sum() == 0
 
 
+def test_backbone_and_kl_terms_send_no_gradient_into_the_gate():
+    # their exit-probability weights are detached: the gate learns from the rollouts' policy
+    # gradient and the entropy bonus only, not by shifting weight onto low-loss steps
+    teacher, student = _inputs(seed=15)
+    cfg = LoopRPTConfig(num_rollouts=G, pg_coef=0.0, model_coef=1.0, entropy_coef=0.0, kl_coef=0.5)
+    loss, _ = looprpt_loss(teacher, student, torch.ones(B, S), V, cfg, _uniforms(0))
+    loss.backward()
+    assert student.logp.grad.abs().sum() > 0
+    assert student.gate_logits.grad is None or student.gate_logits.grad.abs().sum() == 0
+    # the entropy bonus alone does reach it
+    teacher, student = _inputs(seed=15)
+    cfg = LoopRPTConfig(num_rollouts=G, pg_coef=0.0, model_coef=0.0, entropy_coef=1.0, kl_coef=0.0)
+    looprpt_loss(teacher, student, torch.ones(B, S), V, cfg, _uniforms(0))[0].backward()
+    assert student.gate_logits.grad.abs().sum() > 0
+
+
 def test_loss_finite_metrics_and_normalizer_scaling():
     teacher, student = _inputs(seed=14, requires_grad=False)
     cfg = LoopRPTConfig(num_rollouts=G)

@@ -106,6 +106,20 @@ def test_sizes_and_cluster_profile():
     assert cfg.train_flags == ["--bf16", "--recompute-granularity", "full"]
     with pytest.raises(sweep.SweepError, match="--data-path"):
         sweep.config_from_args(sweep.build_parser().parse_args(["--sweep", "ouro"]))
+
+
+def test_difficulty_by_quantiles_unless_thresholds_are_given():
+    sweep = _sweep_module()
+
+    def flags(argv):
+        return sweep.difficulty_flags(sweep.config_from_args(sweep.build_parser().parse_args(argv)))
+
+    # Hard: the top 20% of tokens by the stage-1 model's entropy.
+    assert flags([]) == ["--difficulty-quantiles", "0.5", "0.8"]
+    assert flags(["--difficulty-quantiles", "0.6", "0.9"]) == ["--difficulty-quantiles", "0.6", "0.9"]
+    assert flags(["--difficulty-thresholds", "1", "3"]) == ["--difficulty-thresholds", "1.0", "3.0"]
+    with pytest.raises(SystemExit):
+        sweep.build_parser().parse_args(["--difficulty-quantiles", "0.5", "0.8", "--difficulty-thresholds", "1", "3"])
     with pytest.raises(sweep.SweepError, match="nor a preset"):
         sweep.config_from_args(sweep.build_parser().parse_args(["--sizes", "huge"]))
 
@@ -139,6 +153,7 @@ def smoke(tmp_path_factory):
 def test_smoke_run_produces_checkpoints_reports_table_and_plots(smoke):
     out, stdout = smoke
     size = out / "tiny"
+    thresholds = set()
     for stage, iters in zip(STAGES, (4, 2, 2)):
         assert (size / stage / "latest_checkpointed_iteration.txt").read_text().strip() == str(iters)
         report = json.loads((size / "eval" / stage / "evaluation.json").read_text())
@@ -147,6 +162,12 @@ def test_smoke_run_produces_checkpoints_reports_table_and_plots(smoke):
         assert model["rl_algo"] == ("looprpt" if stage == "looprpt" else "none")
         if stage != "stage1":   # difficulty buckets by the stage-1 model, the same for both methods
             assert model["reference"]["checkpoint"].endswith("stage1/iter_0000004")
+        # The top 20% by the stage-1 model's entropy are hard, give or take the tokens whose
+        # entropy ties the threshold (this 4-iteration model's are all close to log 4096).
+        assert report["difficulty"]["quantiles"] == [0.5, 0.8]
+        assert abs(model["buckets"]["hard"]["fraction"] - 0.2) <= 0.01
+        thresholds.add(tuple(report["difficulty"]["thresholds"]))
+    assert len(thresholds) == 1   # the same stage-1 entropies of the same tokens for all three
     assert not list(size.glob("eval/*.partial"))
     assert json.loads((size / "size.json").read_text())["params"] > 1e6
     results = json.loads((out / "results.json").read_text())

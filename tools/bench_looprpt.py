@@ -89,10 +89,11 @@ def main():
     for _ in range(a.warmup):
         lm_iteration()
         rl_iteration()
-    lm_times, rl_times = [], []
+    lm_times, rl_times, teacher_times = [], [], []
     for _ in range(a.trials):
         lm_times.append(timed(lm_iteration, device))
         rl_times.append(timed(rl_iteration, device))
+        teacher_times.append(timed(lambda: teacher.run(batches), device))
 
     def nbytes(tensors):
         return sum(t.numel() * t.element_size() for t in tensors)
@@ -104,6 +105,9 @@ def main():
         "lm_iteration_s": statistics.median(lm_times),
         "looprpt_iteration_s": statistics.median(rl_times),
         "ratio": statistics.median(rl_times) / statistics.median(lm_times),
+        "teacher_forward_s": statistics.median(teacher_times),
+        # the floor: an LM iteration plus the teacher's forward pass
+        "floor_ratio": (statistics.median(lm_times) + statistics.median(teacher_times)) / statistics.median(lm_times),
         "teacher_bytes_per_rank": teacher_bytes,
         "student_param_bytes_per_rank": student_param_bytes,
         "rollouts": a.rl_num_rollouts,
@@ -115,7 +119,8 @@ def main():
         parallel.destroy()
         return
     print(json.dumps(result, indent=2))
-    print(f"LoopRPT / LM iteration time = {result['ratio']:.3f} (target <= 1.5); "
+    print(f"LoopRPT / LM iteration time = {result['ratio']:.3f} (target <= 1.5; the floor, LM + teacher "
+          f"forward, is {result['floor_ratio']:.3f}); "
           f"teacher memory per rank {teacher_bytes / 2**20:.2f} MiB "
           f"({teacher_bytes / student_param_bytes:.2f}x the student's parameters; fp32 EMA state "
           f"{teacher.ema_state_bytes() / 2**20:.2f} MiB, DP={dp})")

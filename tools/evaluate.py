@@ -6,7 +6,10 @@
 
 Model shape, tokenizer, data path, split and batch sizes default to the checkpoint's run; any
 TP/PP/DP layout gives the same numbers. Difficulty buckets come from the next-token entropy of a
-reference model: by default the --load model itself at its last loop step, or --reference CKPT.
+reference model: by default the --load model itself at its last loop step, or --reference CKPT;
+the thresholds are fixed (--difficulty-thresholds, nats) or quantiles of that entropy over the
+evaluated tokens (--difficulty-quantiles). --eval-iters is capped at what one pass over the
+held-out split holds, so that no token is scored twice.
 Writes OUTPUT_DIR/evaluation.json, per_step_accuracy.png and accuracy_vs_steps.png (plots when
 matplotlib is installed) and prints a table.
 """
@@ -39,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train,valid,test document proportions (default: the checkpoint's)")
     p.add_argument("--split-name", choices=["valid", "test"], default="valid",
                    help="the held-out split to evaluate (default: valid)")
-    p.add_argument("--eval-iters", type=int, default=10, help="global batches to evaluate (default: 10)")
+    p.add_argument("--eval-iters", type=int, default=10,
+                   help="global batches to evaluate, at most as many as the split holds (default: 10)")
     p.add_argument("--micro-batch-size", type=int, default=None, help="default: the checkpoint's")
     p.add_argument("--global-batch-size", type=int, default=None,
                    help="default: the checkpoint's (so every layout evaluates the same sequences)")
@@ -52,9 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exit-threshold", type=float, default=None,
                    help="the default q, also broken down by difficulty "
                         "(default: the checkpoint's --exit-threshold)")
-    p.add_argument("--difficulty-thresholds", type=float, nargs=2, metavar=("T1", "T2"),
-                   default=list(DEFAULT_DIFFICULTY_THRESHOLDS),
-                   help="reference entropy in nats: easy < T1 <= medium < T2 <= hard (default: 1 3)")
+    difficulty = p.add_mutually_exclusive_group()
+    difficulty.add_argument("--difficulty-thresholds", type=float, nargs=2, metavar=("T1", "T2"),
+                            default=list(DEFAULT_DIFFICULTY_THRESHOLDS),
+                            help="reference entropy in nats: easy < T1 <= medium < T2 <= hard (default: 1 3)")
+    difficulty.add_argument("--difficulty-quantiles", type=float, nargs=2, metavar=("Q1", "Q2"), default=None,
+                            help="thresholds at these quantiles of the reference entropy over every evaluated "
+                                 "token instead, e.g. 0.5 0.8: the hardest 20%% are hard")
     p.add_argument("--reference", default=None,
                    help="checkpoint whose next-token entropy at its last loop step defines difficulty "
                         "(default: the --load model itself)")
@@ -78,6 +86,8 @@ def main(argv=None) -> int:
     cfg = EvalConfig(**{name: value for name, value in vars(args).items() if name != "output_dir"})
     cfg.exit_thresholds = tuple(cfg.exit_thresholds)
     cfg.difficulty_thresholds = tuple(cfg.difficulty_thresholds)
+    if cfg.difficulty_quantiles is not None:
+        cfg.difficulty_quantiles = tuple(cfg.difficulty_quantiles)
     try:
         result = run_evaluation(cfg)
     except (ConfigError, CheckpointError) as error:

@@ -8,7 +8,8 @@
 For each size: stage-1 LM pre-training -> checkpoint; then, from that same checkpoint, each
 method (continued LM pre-training and LoopRPT, examples/looprpt_vs_lm.py's recipe) for the same
 number of iterations; then tools/evaluate.py on each (and on the stage-1 model), difficulty
-buckets by the stage-1 model's entropy. Finally the reports are collected into one table
+buckets by the stage-1 model's entropy (by default hard = its top 20%, LoopRPT's hard-token
+ratio: --difficulty-quantiles 0.5 0.8). Finally the reports are collected into one table
 (console, results.md, results.json) and plots (per-step accuracy by size, accuracy vs compute
 per size, hard-token gain of LoopRPT over LM vs size).
 
@@ -92,11 +93,16 @@ class SweepConfig:
     data_path: Optional[List[str]] = None        # None: the quickstart's corpus, built under out/data
     tokenizer_type: str = "SentencePieceTokenizer"
     tokenizer_model: Optional[str] = None
-    split: str = "98,2,0"
+    split: str = "90,10,0"
     launcher: List[str] = field(default_factory=lambda: [sys.executable])
     train_flags: List[str] = field(default_factory=list)    # appended to every training stage
     stage1_flags: List[str] = field(default_factory=list)   # appended to stage 1 only (after train_flags)
     eval_flags: List[str] = field(default_factory=list)     # appended to every tools/evaluate.py run
+    # Bucket thresholds at these quantiles of the stage-1 model's entropy: the 20% of tokens it is
+    # least sure of are hard (LoopRPT's default --rl-hard-token-ratio), whatever its training. Fixed
+    # thresholds in nats (difficulty_thresholds) replace them.
+    difficulty_quantiles: Optional[Tuple[float, float]] = (0.5, 0.8)
+    difficulty_thresholds: Optional[Tuple[float, float]] = None
     matched_steps: Optional[float] = None        # None: per size, the fewest Q-exit steps of the methods
 
 
@@ -204,6 +210,12 @@ def train_stage(cfg: SweepConfig, size_dir: str, stage: str, iters: int, flags: 
     return True
 
 
+def difficulty_flags(cfg: SweepConfig) -> List[str]:
+    if cfg.difficulty_thresholds is not None:
+        return ["--difficulty-thresholds", *map(str, cfg.difficulty_thresholds)]
+    return ["--difficulty-quantiles", *map(str, cfg.difficulty_quantiles)]
+
+
 def evaluate_stage(cfg: SweepConfig, size_dir: str, method: str) -> bool:
     """Evaluate one model unless its report exists; True when it ran. The report and plots are
     written to a side directory that is renamed into place when complete."""
@@ -217,7 +229,7 @@ def evaluate_stage(cfg: SweepConfig, size_dir: str, method: str) -> bool:
     _log(f"evaluate {os.path.join(size_dir, method)}")
     _run(experiment.evaluate_command(os.path.join(size_dir, method), partial, cfg.eval_iters,
                                      reference=None if method == STAGE1 else stage1,
-                                     launcher=cfg.launcher, extra=cfg.eval_flags),
+                                     launcher=cfg.launcher, extra=[*difficulty_flags(cfg), *cfg.eval_flags]),
          os.path.join(size_dir, "logs", f"eval_{method}.log"))
     if os.path.exists(final):
         shutil.rmtree(final)
@@ -348,7 +360,10 @@ def collect(out: str, sizes: List[str], methods=("lm", "looprpt"), matched_steps
     rows, gains = [], []
     for size, models in reports.items():
         info_path = os.path.join(out, size, "size.json")
-        info = json.load(open(info_path)) if os.path.exists(info_path) else {}
+        info = {}
+        if os.path.exists(info_path):
+            with open(info_path) as f:
+                info = json.load(f)
         exits = [models[m]["q_exit"]["avg_steps"] for m in methods if m in models]
         budget = matched_steps if matched_steps is not None else (min(exits) if exits else None)
         by_method = {}
@@ -496,6 +511,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-flags", default=None, help="extra pretrain_looprpt.py flags for every training stage")
     p.add_argument("--stage1-flags", default=None, help="extra pretrain_looprpt.py flags for stage 1 (last)")
     p.add_argument("--eval-flags", default=None, help="extra tools/evaluate.py flags")
+    difficulty = p.add_mutually_exclusive_group()
+    difficulty.add_argument("--difficulty-quantiles", type=float, nargs=2, metavar=("Q1", "Q2"), default=None,
+                            help="difficulty thresholds at these quantiles of the stage-1 model's entropy "
+                                 "(default: 0.5 0.8, so the hardest 20%% of tokens are hard)")
+    difficulty.add_argument("--difficulty-thresholds", type=float, nargs=2, metavar=("T1", "T2"), default=None,
+                            help="fixed difficulty thresholds in nats instead of quantiles")
     p.add_argument("--matched-steps", type=float, default=None,
                    help="compute budget (average loop steps) for 'accuracy at matched compute' "
                         "(default: per size, the fewest Q-exit steps among the methods)")
@@ -517,6 +538,10 @@ def config_from_args(a: argparse.Namespace) -> SweepConfig:
     for name in ("launcher", "train_flags", "stage1_flags", "eval_flags"):
         if getattr(a, name) is not None:
             setattr(cfg, name, shlex.split(getattr(a, name)))
+    if a.difficulty_quantiles is not None:
+        cfg.difficulty_quantiles = tuple(a.difficulty_quantiles)
+    if a.difficulty_thresholds is not None:
+        cfg.difficulty_quantiles, cfg.difficulty_thresholds = None, tuple(a.difficulty_thresholds)
     if a.sweep != "cpu" and cfg.data_path is None and not a.collect_only:
         raise SweepError("--sweep ouro needs --data-path (and --tokenizer-model): the quickstart corpus is CPU-sized")
     from megatron_looprpt.presets import PRESETS

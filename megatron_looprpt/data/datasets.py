@@ -7,6 +7,7 @@
 
 import importlib
 import itertools
+import math
 import multiprocessing
 import os
 import sys
@@ -157,6 +158,55 @@ def validate_data_prefixes(data_path: DataPath) -> Tuple[List[str], Optional[Lis
                     f"(make it with tools/preprocess_data.py)"
                 )
     return prefixes, weights
+
+
+def split_sequences(data_path: DataPath, split: str, split_index: int, seq_length: int) -> int:
+    """The most sequences split ``split_index`` (0 train, 1 valid, 2 test) of ``--split`` gives
+    before megatron's GPTDataset starts over on any of its documents (a second epoch). For a
+    weighted blend: the most whose share of every dataset (with the builder's surplus) stays
+    within one epoch of that dataset's split. Raises ValueError when the split is empty."""
+    import dataclasses
+
+    from megatron.core.datasets.blended_megatron_dataset_config import (
+        convert_split_vector_to_split_matrix,
+        parse_and_normalize_split,
+    )
+    from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+    from megatron.core.datasets.utils import normalize
+
+    # The GPTDatasetConfig settings build_datasets leaves at megatron's defaults: a sequence
+    # reads one token past its end (the last label), and each dataset of a weighted blend is
+    # built with a surplus of samples.
+    defaults = {f.name: f.default for f in dataclasses.fields(GPTDatasetConfig)}
+    extra_token, surplus = int(defaults["add_extra_token_to_sequence"]), defaults["mid_level_dataset_surplus"]
+
+    bookends = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))[split_index]
+    if bookends is None:
+        raise ValueError(f"--split {split} gives the {('train', 'valid', 'test')[split_index]} split no documents")
+
+    def epoch_sequences(prefix: str) -> int:
+        # Keep the dataset referenced: its __del__ unmaps the memory sequence_lengths views.
+        indexed = IndexedDataset(prefix)
+        lengths = indexed.sequence_lengths
+        beg, end = (int(round(b * len(lengths))) for b in bookends)   # megatron's document split
+        return max(0, (int(lengths[beg:end].sum()) - extra_token) // seq_length)
+
+    def fits_one_epoch(num_samples: int, weights: Sequence[float], epochs: Sequence[int]) -> bool:
+        # what megatron's builder asks of each dataset of a weighted blend for num_samples in all
+        return all(math.ceil(math.ceil(num_samples * w) * (1 + surplus)) <= epoch
+                   for w, epoch in zip(weights, epochs))
+
+    prefixes, weights = parse_data_path(data_path)
+    epochs = [epoch_sequences(prefix) for prefix in prefixes]
+    if weights is None:   # one epoch of each dataset, blended as they come
+        return sum(epochs)
+    used = [(w, epoch) for w, epoch in zip(normalize(weights), epochs) if w > 0]
+    # Start from a bound the rounding can only lower, and step down to the first that fits.
+    num_samples = min(math.floor(epoch / (w * (1 + surplus))) for w, epoch in used)
+    while num_samples > 0 and not fits_one_epoch(num_samples, *zip(*used)):
+        num_samples -= 1
+    return num_samples
 
 
 def ensure_dataset_helpers() -> None:

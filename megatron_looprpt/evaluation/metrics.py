@@ -8,15 +8,17 @@ Shapes: per-step tensors are [T, b, s] (loop step first, as ``LoopedOutput.stack
 labels, the loss mask and the reference entropy are [b, s].
 
 Difficulty buckets come from a reference model's next-token entropy H (nats):
-easy: H < t1, medium: t1 <= H < t2, hard: t2 <= H.
+easy: H < t1, medium: t1 <= H < t2, hard: t2 <= H. The thresholds are given in nats or are
+quantiles of H over the evaluated tokens (``entropy_quantiles``).
 
 Q-exit (Ouro): a token leaves the loop at the first step whose exit CDF reaches q (the last
-step if none does) and is predicted with that step's output; it has then used (step + 1) loop
-steps.
+step if none does, and always for q >= 1) and is predicted with that step's output; it has then
+used (step + 1) loop steps.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -61,6 +63,22 @@ def difficulty_buckets(entropy: torch.Tensor, thresholds: Sequence[float]) -> to
     return torch.bucketize(entropy.contiguous(), boundaries, right=True)
 
 
+def entropy_quantiles(values: torch.Tensor, quantiles: Sequence[float]) -> Tuple[float, ...]:
+    """Quantiles of a tensor's values, interpolated linearly between order statistics as
+    ``torch.quantile`` does; by sorting, since ``torch.quantile`` refuses more than 2^24 values
+    (a few global batches of long sequences)."""
+    ordered = torch.sort(values.double().reshape(-1)).values
+    if ordered.numel() == 0:
+        raise ValueError("no tokens to take entropy quantiles of")
+    result = []
+    for q in quantiles:
+        position = q * (ordered.numel() - 1)
+        low = math.floor(position)
+        high = min(low + 1, ordered.numel() - 1)
+        result.append((ordered[low] + (position - low) * (ordered[high] - ordered[low])).item())
+    return tuple(result)
+
+
 def bucket_masks(buckets: torch.Tensor, mask: torch.Tensor, num_buckets: int = len(BUCKETS)) -> torch.Tensor:
     """One loss mask per bucket: [B, b, s]; they partition ``mask``."""
     ids = torch.arange(num_buckets, device=buckets.device).view(-1, 1, 1)
@@ -102,8 +120,8 @@ def token_sums(
     correct = step_correct(predictions, labels)
     nll = -label_logprobs.float()
     per_bucket = bucket_masks(difficulty_buckets(reference_entropy.float(), spec.difficulty_thresholds), mask)
-    # float64: in fp32 the exit CDF of a saturated gate rounds up to 1.0 steps early, and q=1
-    # would then stop before the last step.
+    # float64: in fp32 the exit CDF of a saturated gate rounds up to 1.0 steps early, so a q
+    # just below 1 would stop before the last step (q >= 1 always runs to it).
     exit_probs = exit_distribution(gate_logits.double())
     sweep_steps = q_exit_sweep(exit_probs, spec.exit_thresholds)
     default_steps = q_exit_steps(exit_probs, spec.default_threshold).unsqueeze(0)
@@ -155,6 +173,25 @@ def _ratio(numerator: float, denominator: float) -> Optional[float]:
     return float(numerator) / float(denominator) if denominator > 0 else None
 
 
+def _distinct_points(sweep: List[dict], per_step: List[dict]) -> List[dict]:
+    """Adaptive exits compete with running every token a fixed number of steps. One candidate
+    per distinct (avg steps, accuracy) point, labelled with every q (and fixed depth) reaching
+    it: saturated gates give many q the same exits, and q=1 is the last fixed depth."""
+    points: Dict[Tuple[float, float], dict] = {}
+    for p in sweep:
+        if p["accuracy"] is not None:
+            points.setdefault((p["avg_steps"], p["accuracy"]), {"q": [], "fixed": []})["q"].append(p["q"])
+    for s in per_step:
+        if s["accuracy"] is not None:
+            points.setdefault((float(s["step"]), s["accuracy"]), {"q": [], "fixed": []})["fixed"].append(s["step"])
+    candidates = []
+    for (steps, accuracy), by in points.items():
+        labels = ([f"q={','.join(f'{q:g}' for q in by['q'])}"] if by["q"] else []) + \
+                 [f"fixed {step}" for step in by["fixed"]]
+        candidates.append({"label": " / ".join(labels), "q": by["q"], "avg_steps": steps, "accuracy": accuracy})
+    return candidates
+
+
 def summarize(totals: Mapping[str, torch.Tensor], spec: MetricSpec) -> dict:
     """Means, bucket breakdowns, the q sweep and the Pareto frontier from reduced totals."""
     t = {name: value.double().reshape(-1) for name, value in totals.items()}
@@ -193,12 +230,7 @@ def summarize(totals: Mapping[str, torch.Tensor], spec: MetricSpec) -> dict:
               "accuracy": _ratio(t["sweep_correct"][i], tokens)}
              for i, q in enumerate(spec.exit_thresholds)]
 
-    # Adaptive exits compete with running every token a fixed number of steps.
-    candidates = [{"label": f"q={p['q']:g}", "avg_steps": p["avg_steps"], "accuracy": p["accuracy"]}
-                  for p in sweep]
-    candidates += [{"label": f"fixed {s['step']}", "avg_steps": float(s["step"]), "accuracy": s["accuracy"]}
-                   for s in per_step]
-    candidates = [c for c in candidates if c["accuracy"] is not None]
+    candidates = _distinct_points(sweep, per_step)
     frontier = [candidates[i] for i in pareto_frontier([(c["avg_steps"], c["accuracy"]) for c in candidates])]
 
     return {

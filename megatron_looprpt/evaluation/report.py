@@ -74,7 +74,7 @@ def _plot_per_step(plt, report: dict, path: str) -> None:
     ax.set_xlabel("loop step")
     ax.set_ylabel("next-token accuracy")
     ax.set_xticks(steps)
-    ax.set_title(f"Accuracy per loop step by difficulty ({report['difficulty']['thresholds']} nats)")
+    ax.set_title(f"Accuracy per loop step by difficulty ({_difficulty_rule(report['difficulty'])})")
     save_figure(plt, fig, path)
 
 
@@ -101,8 +101,9 @@ def draw_exit_tradeoff(ax, models: List[dict], labels: Optional[List[str]] = Non
         ax.plot([s["step"] for s in fixed], [s["accuracy"] for s in fixed], linestyle="none",
                 marker="x", color=color, label=f"fixed depth — {label}")
         frontier = model["pareto_frontier"]
-        ax.plot([p["avg_steps"] for p in frontier], [p["accuracy"] for p in frontier], line,
-                color=color, label=f"Pareto frontier — {label}")
+        # Hollow markers ring the sweep's points; without them a one-point frontier is invisible.
+        ax.plot([p["avg_steps"] for p in frontier], [p["accuracy"] for p in frontier], line, marker=marker,
+                markersize=9, fillstyle="none", color=color, label=f"Pareto frontier — {label}")
     ax.set_xlabel("average loop steps per token")
     ax.set_ylabel("next-token accuracy")
 
@@ -135,12 +136,24 @@ def _fmt(value, spec: str = ".4f") -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _difficulty_rule(difficulty: dict) -> str:
+    t1, t2 = difficulty["thresholds"]
+    nats = f"{t1:.3g}, {t2:.3g} nats"
+    if difficulty["quantiles"] is None:
+        return nats
+    q1, q2 = difficulty["quantiles"]
+    return f"quantiles {q1:g}, {q2:g} = {nats}"
+
+
 def format_table(report: dict) -> str:
     data, difficulty = report["data"], report["difficulty"]
+    capped = "" if data["evaluated_batches"] == data["eval_iters"] else (
+        f" (--eval-iters {data['eval_iters']} capped: the split holds {data['split_sequences']} sequences)")
     lines = [
         f"split {data['split_name']} of {' '.join(data['data_path'])} (--split {data['split']}): "
-        f"{data['eval_iters']} x {data['global_batch_size']} sequences of {data['seq_length']} tokens",
-        f"difficulty: {difficulty['measure']}; "
+        f"{data['evaluated_batches']} x {data['global_batch_size']} sequences of {data['seq_length']} tokens"
+        + capped,
+        f"difficulty: {difficulty['measure']}, thresholds {_difficulty_rule(difficulty)}; "
         + ", ".join(f"{name} {rule}" for name, rule in difficulty["buckets"].items()),
     ]
     for model in report["models"]:

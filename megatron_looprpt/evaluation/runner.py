@@ -14,7 +14,14 @@ depend on the layout: the default global batch is the checkpoint's, not micro-ba
 The reference model whose next-token entropy sorts tokens into difficulty buckets is, by
 default, the evaluated (--load) model itself at its last loop step. ``--reference CKPT`` takes
 it from another checkpoint instead (at that model's last loop step). A ``--compare`` model is
-bucketed by the same reference as the --load model, so per-bucket numbers line up.
+bucketed by the same reference as the --load model, so per-bucket numbers line up. With
+``--difficulty-quantiles`` the bucket thresholds are quantiles of the reference entropy over
+every evaluated token, so a first pass computes the reference entropies of all global batches
+(gathered over data-parallel ranks) before the metric passes bucket any token.
+
+Held-out tokens are scored once: megatron's GPTDataset starts over on a split's documents when
+asked for more sequences than it holds, so the number of global batches is capped at what one
+epoch of the split gives (``data.datasets.split_sequences``).
 """
 
 from __future__ import annotations
@@ -32,14 +39,19 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from megatron_looprpt import parallel
 from megatron_looprpt.arguments import ConfigError, validate_args
-from megatron_looprpt.data.datasets import build_data_iterator, build_datasets, validate_data_prefixes
+from megatron_looprpt.data.datasets import (
+    build_data_iterator,
+    build_datasets,
+    split_sequences,
+    validate_data_prefixes,
+)
 from megatron_looprpt.data.tokenizers import build_tokenizer, model_vocab_size
 from megatron_looprpt.evaluation import metrics
 from megatron_looprpt.models.builder import LoopedModelConfig
 from megatron_looprpt.models.looped_gpt import HeadRequest
 from megatron_looprpt.training import checkpointing
 from megatron_looprpt.training.loop import model_config
-from megatron_looprpt.training.saved_run import check_vocab_padding, read_saved_run, saved_args_with_defaults
+from megatron_looprpt.training.saved_run import check_vocab_padding, read_saved_run, saved_model_args
 from megatron_looprpt.training.setup import build_model
 from megatron_looprpt.training.step import eval_step, make_forward_step
 
@@ -68,6 +80,8 @@ class EvalConfig:
     exit_thresholds: Tuple[float, ...] = metrics.DEFAULT_EXIT_THRESHOLDS
     exit_threshold: Optional[float] = None
     difficulty_thresholds: Tuple[float, float] = metrics.DEFAULT_DIFFICULTY_THRESHOLDS
+    # When given, the thresholds are these quantiles of the reference entropy instead.
+    difficulty_quantiles: Optional[Tuple[float, float]] = None
     reference: Optional[str] = None
     compare: Optional[str] = None
     tokenizer_model: Optional[str] = None
@@ -92,6 +106,8 @@ class Checkpoint:
 def check_config(cfg: EvalConfig) -> None:
     if cfg.eval_iters < 1:
         raise ConfigError(f"--eval-iters must be >= 1, got {cfg.eval_iters}")
+    if cfg.data_path is not None and not cfg.data_path:
+        raise ConfigError("--data-path needs a dataset prefix or blend (leave the flag out to use the checkpoint's)")
     if cfg.split_name not in SPLIT_NAMES:
         raise ConfigError(f"--split-name {cfg.split_name} must be one of {', '.join(SPLIT_NAMES)}")
     if not cfg.exit_thresholds:
@@ -105,12 +121,16 @@ def check_config(cfg: EvalConfig) -> None:
     if t1 > t2:
         raise ConfigError(f"--difficulty-thresholds {t1} {t2}: the first (easy/medium) must not "
                           "exceed the second (medium/hard)")
+    if cfg.difficulty_quantiles is not None:
+        q1, q2 = cfg.difficulty_quantiles
+        if not 0.0 <= q1 <= q2 <= 1.0:
+            raise ConfigError(f"--difficulty-quantiles {q1:g} {q2:g}: need 0 <= Q1 <= Q2 <= 1")
 
 
 def _run_args(saved: dict, cfg: EvalConfig, imposed: Optional[dict]) -> argparse.Namespace:
     """The saved run's arguments with this evaluation's data, batch sizes and layout.
     ``imposed``: settings every model must share with the --load model (tokenizer, data)."""
-    args = saved_args_with_defaults(saved)
+    args = saved_model_args(saved)
     given = {"data_path": cfg.data_path, "split": cfg.split, "micro_batch_size": cfg.micro_batch_size,
              "global_batch_size": cfg.global_batch_size, "exit_threshold": cfg.exit_threshold,
              "tokenizer_model": cfg.tokenizer_model}
@@ -215,27 +235,45 @@ def _load_model(ckpt: Checkpoint):
     return pm
 
 
-def _eval_dataset(args: argparse.Namespace, tokenizer, split_name: str):
+def eval_batches(args: argparse.Namespace, split_name: str) -> dict:
+    """How many global batches to evaluate: ``--eval-iters``, capped at what one epoch of the
+    split holds so that no held-out token is scored twice. Counted from the data files alone,
+    so every rank gets the same number."""
+    try:
+        held = split_sequences(args.data_path, args.split, _SPLIT_INDEX[split_name], args.seq_length)
+    except ValueError as error:
+        raise ConfigError(f"{error}: evaluate another --split-name or pass a --split with a nonzero "
+                          f"{split_name} share") from None
+    batches = min(args.eval_iters, held // args.global_batch_size)
+    if batches == 0:
+        raise ConfigError(f"--eval-iters/--global-batch-size: one global batch of {args.global_batch_size} "
+                          f"sequences is more than the {split_name} split of --split {args.split} holds "
+                          f"({held} sequences of {args.seq_length} tokens): lower --global-batch-size or "
+                          f"give the split a larger {split_name} share")
+    if batches < args.eval_iters and int(os.environ.get("RANK", "0")) == 0:
+        print(f"--eval-iters {args.eval_iters} asks for {args.eval_iters * args.global_batch_size} sequences, "
+              f"the {split_name} split holds {held}: evaluating {batches} batches", flush=True)
+    return {"eval_iters": args.eval_iters, "evaluated_batches": batches, "split_sequences": held}
+
+
+def _eval_dataset(args: argparse.Namespace, tokenizer, split_name: str, num_samples: int):
     index = _SPLIT_INDEX[split_name]
     # Only the evaluated split is drawn from; the others get the smallest size the builder takes.
     sizes = [1, 1, 1]
-    sizes[index] = args.eval_iters * args.global_batch_size
+    sizes[index] = num_samples
     try:
         datasets = build_datasets(args.data_path, args.split, args.seq_length, args.seed, tokenizer,
                                   num_samples=sizes)
     except (ValueError, FileNotFoundError) as error:
         raise ConfigError(str(error).splitlines()[0]) from None
-    if datasets[index] is None:
-        raise ConfigError(f"--split {args.split} gives the {split_name} split no documents: evaluate "
-                          f"another --split-name or pass a --split with a nonzero {split_name} share")
     return datasets[index]
 
 
-def _global_batches(dataset, args: argparse.Namespace, device: torch.device):
-    """``eval_iters`` global batches, this data-parallel rank's micro-batches of each."""
+def _global_batches(dataset, args: argparse.Namespace, device: torch.device, num_batches: int):
+    """``num_batches`` global batches, this data-parallel rank's micro-batches of each."""
     iterator = build_data_iterator(dataset, args.micro_batch_size, parallel_state.get_data_parallel_rank(),
                                    parallel_state.get_data_parallel_world_size())
-    for _ in range(args.eval_iters):
+    for _ in range(num_batches):
         yield [{name: value.to(device) for name, value in next(iterator).items()}
                for _ in range(args.num_microbatches)]
 
@@ -257,6 +295,51 @@ def reference_entropy(pm, batches) -> Deque[torch.Tensor]:
 
     eval_step(pm, batches, make_forward_step(objective, head))
     return collected
+
+
+def _gather_data_parallel(values: torch.Tensor) -> torch.Tensor:
+    """A 1-D tensor of every data-parallel rank concatenated (lengths may differ by rank)."""
+    group = parallel_state.get_data_parallel_group()
+    size = torch.distributed.get_world_size(group)
+    if size == 1:
+        return values
+    lengths = [torch.zeros(1, dtype=torch.long, device=values.device) for _ in range(size)]
+    torch.distributed.all_gather(lengths, torch.tensor([values.numel()], device=values.device), group=group)
+    longest = int(max(length.item() for length in lengths))
+    padded = [torch.zeros(longest, dtype=values.dtype, device=values.device) for _ in range(size)]
+    torch.distributed.all_gather(padded, torch.nn.functional.pad(values, (0, longest - values.numel())), group=group)
+    return torch.cat([chunk[:int(length.item())] for chunk, length in zip(padded, lengths)])
+
+
+def _from_last_stage(values: torch.Tensor) -> torch.Tensor:
+    """The last pipeline stage's ``values`` on every stage (the others pass a tensor of the
+    same shape)."""
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        torch.distributed.broadcast(values, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                                    group=parallel_state.get_pipeline_model_parallel_group())
+    return values
+
+
+def reference_pass(pm, global_batches) -> Tuple[List[Deque[torch.Tensor]], List[torch.Tensor]]:
+    """``reference_entropy`` of every global batch, and the entropies of its valid (loss-masked)
+    tokens, flattened (both on the last pipeline stage; empty elsewhere)."""
+    entropies, valid = [], []
+    for batches in global_batches:
+        collected = reference_entropy(pm, batches)
+        entropies.append(collected)
+        valid += [entropy[batch["loss_mask"] > 0].float() for entropy, batch in zip(collected, batches)]
+    return entropies, valid
+
+
+def quantile_thresholds(valid: List[torch.Tensor], quantiles: Tuple[float, float],
+                        device: torch.device) -> Tuple[float, float]:
+    """The ``quantiles`` of the valid reference entropies (``reference_pass``) of every
+    data-parallel rank, the same on every rank."""
+    thresholds = torch.zeros(len(quantiles), dtype=torch.float64, device=device)
+    if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+        values = _gather_data_parallel(torch.cat(valid).to(device))
+        thresholds = torch.tensor(metrics.entropy_quantiles(values, quantiles), dtype=torch.float64, device=device)
+    return tuple(_from_last_stage(thresholds).tolist())
 
 
 class _EvalObjective:
@@ -293,10 +376,10 @@ def evaluate_batch(pm, batches, spec: metrics.MetricSpec,
 # the whole evaluation
 
 
-def _spec(cfg: EvalConfig, ckpt: Checkpoint) -> metrics.MetricSpec:
+def _spec(cfg: EvalConfig, ckpt: Checkpoint, difficulty_thresholds: Tuple[float, float]) -> metrics.MetricSpec:
     return metrics.MetricSpec(exit_thresholds=tuple(cfg.exit_thresholds),
                               default_threshold=ckpt.args.exit_threshold,
-                              difficulty_thresholds=tuple(cfg.difficulty_thresholds))
+                              difficulty_thresholds=tuple(difficulty_thresholds))
 
 
 def _describe_model(ckpt: Checkpoint, role: str, reference: dict) -> dict:
@@ -304,8 +387,22 @@ def _describe_model(ckpt: Checkpoint, role: str, reference: dict) -> dict:
     return {
         "role": role, "checkpoint": ckpt.path, "iteration": ckpt.iteration,
         "num_layers": args.num_layers, "hidden_size": args.hidden_size,
-        "loop_steps": args.loop_steps, "rl_algo": args.rl_algo,
+        "loop_steps": args.loop_steps, "rl_algo": ckpt.saved.get("rl_algo", "none"),
         "exit_gate_training": args.exit_gate_training, "reference": reference,
+    }
+
+
+def _describe_difficulty(thresholds: Tuple[float, float], quantiles: Optional[Tuple[float, float]],
+                         summary: dict) -> dict:
+    t1, t2 = thresholds
+    return {
+        "measure": "next-token entropy (nats) of the reference model at its last loop step",
+        # None: thresholds given in nats; else the quantiles of the evaluated tokens' entropy they are.
+        "quantiles": None if quantiles is None else list(quantiles),
+        "thresholds": [t1, t2],
+        "buckets": {"easy": f"H < {t1:.4g}", "medium": f"{t1:.4g} <= H < {t2:.4g}", "hard": f"{t2:.4g} <= H"},
+        # Every evaluated model is bucketed alike.
+        "bucket_tokens": {name: bucket["tokens"] for name, bucket in summary["buckets"].items()},
     }
 
 
@@ -326,17 +423,29 @@ def run_evaluation(cfg: EvalConfig) -> dict:
     checkpoints = read_checkpoints(cfg)
     primary = checkpoints["load"]
     args = primary.args
+    counts = eval_batches(args, cfg.split_name)
+    num_batches = counts["evaluated_batches"]
     device = parallel.initialize(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
                                  args.seed)
     tokenizer = build_tokenizer(**_tokenizer_fields(args))
-    dataset = _eval_dataset(args, tokenizer, cfg.split_name)
+    dataset = _eval_dataset(args, tokenizer, cfg.split_name, num_batches * args.global_batch_size)
     models = {role: _load_model(ckpt) for role, ckpt in checkpoints.items()}
     roles = [role for role in ("load", "compare") if role in models]
-    specs = {role: _spec(cfg, checkpoints[role]) for role in roles}
+
+    thresholds, references = tuple(cfg.difficulty_thresholds), None
+    if cfg.difficulty_quantiles is not None:
+        # Every token's reference entropy is needed before the first one is bucketed.
+        references, valid = reference_pass(models.get("reference", models["load"]),
+                                           _global_batches(dataset, args, device, num_batches))
+        thresholds = quantile_thresholds(valid, cfg.difficulty_quantiles, device)
+    specs = {role: _spec(cfg, checkpoints[role], thresholds) for role in roles}
 
     totals: Dict[str, Optional[Dict[str, torch.Tensor]]] = {role: None for role in roles}
-    for batches in _global_batches(dataset, args, device):
-        reference = reference_entropy(models["reference"], batches) if "reference" in models else None
+    for i, batches in enumerate(_global_batches(dataset, args, device, num_batches)):
+        if references is not None:
+            reference = references[i]
+        else:
+            reference = reference_entropy(models["reference"], batches) if "reference" in models else None
         sums, used = evaluate_batch(models["load"], batches, specs["load"], reference)
         totals["load"] = metrics.add_sums(totals["load"], sums)
         if "compare" in models:
@@ -344,12 +453,12 @@ def run_evaluation(cfg: EvalConfig) -> dict:
             totals["compare"] = metrics.add_sums(totals["compare"], sums)
 
     reference = _reference_description(checkpoints)
-    t1, t2 = cfg.difficulty_thresholds
+    summaries = {role: metrics.summarize(totals[role], specs[role]) for role in roles}
     return {
         "schema": SCHEMA,
         "data": {
             "data_path": list(args.data_path), "split": args.split, "split_name": cfg.split_name,
-            "seq_length": args.seq_length, "eval_iters": args.eval_iters,
+            "seq_length": args.seq_length, **counts,
             "global_batch_size": args.global_batch_size, "micro_batch_size": args.micro_batch_size,
         },
         "layout": {
@@ -358,15 +467,7 @@ def run_evaluation(cfg: EvalConfig) -> dict:
             "data_parallel_size": args.data_parallel_size,
             "sequence_parallel": bool(args.sequence_parallel),
         },
-        "difficulty": {
-            "measure": "next-token entropy (nats) of the reference model at its last loop step",
-            "thresholds": [t1, t2],
-            "buckets": {"easy": f"H < {t1:g}", "medium": f"{t1:g} <= H < {t2:g}", "hard": f"{t2:g} <= H"},
-        },
+        "difficulty": _describe_difficulty(thresholds, cfg.difficulty_quantiles, summaries["load"]),
         "exit_thresholds": list(cfg.exit_thresholds),
-        "models": [
-            {**_describe_model(checkpoints[role], role, reference),
-             **metrics.summarize(totals[role], specs[role])}
-            for role in roles
-        ],
+        "models": [{**_describe_model(checkpoints[role], role, reference), **summaries[role]} for role in roles],
     }

@@ -12,7 +12,7 @@ from megatron_looprpt.arguments import ConfigError, validate_args
 from megatron_looprpt.data.tokenizers import Tokenizer, build_tokenizer, model_vocab_size
 from megatron_looprpt.training import checkpointing
 from megatron_looprpt.training.loop import model_config
-from megatron_looprpt.training.saved_run import check_vocab_padding, read_saved_run, saved_args_with_defaults
+from megatron_looprpt.training.saved_run import check_vocab_padding, read_saved_run, saved_model_args
 from megatron_looprpt.training.setup import build_model
 
 
@@ -31,7 +31,7 @@ def load_for_inference(load_dir: str, tensor_parallel: int = 1, pipeline_paralle
     env:// or one process) and load the model. Raises ConfigError (one line, naming the flag)
     for a missing checkpoint or tokenizer, or a layout the world size cannot hold."""
     info = read_saved_run("--load", load_dir)
-    args = saved_args_with_defaults(info["args"])
+    args = saved_model_args(info["args"])
     # the training-only settings become ones every layout accepts (generation batches itself)
     args.update(load=None, save=None, mock_data=True, sequence_parallel=False,
                 micro_batch_size=1, global_batch_size=pipeline_parallel,

@@ -53,10 +53,13 @@ def q_exit_steps(exit_probs: torch.Tensor, threshold: float) -> torch.Tensor:
     """0-based step at which each token exits: the first whose CDF reaches ``threshold``.
 
     The last step is used where the CDF never reaches it (possible only through rounding, since
-    the CDF of the last step is 1).
+    the CDF of the last step is 1), and always for ``threshold >= 1``: "never exit early", even
+    where a saturated gate's CDF rounds to exactly 1 before the last step.
     """
-    reached = torch.cumsum(exit_probs, dim=0) >= threshold
     last = exit_probs.shape[0] - 1
+    if threshold >= 1.0:
+        return torch.full(exit_probs.shape[1:], last, dtype=torch.long, device=exit_probs.device)
+    reached = torch.cumsum(exit_probs, dim=0) >= threshold
     first = torch.argmax(reached.to(torch.int8), dim=0)
     return torch.where(reached.any(dim=0), first, torch.full_like(first, last))
 

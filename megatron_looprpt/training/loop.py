@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import time
 from functools import partial
 from typing import Optional
@@ -12,7 +13,7 @@ from megatron.core import parallel_state
 
 from megatron_looprpt import parallel
 from megatron_looprpt.arguments import ConfigError, check_checkpoint_shape
-from megatron_looprpt.data.datasets import build_data_iterator, build_datasets
+from megatron_looprpt.data.datasets import build_data_iterator, build_datasets, split_sequences
 from megatron_looprpt.data.tokenizers import build_tokenizer, model_vocab_size
 from megatron_looprpt.models.builder import LoopedModelConfig
 from megatron_looprpt.models.loss import ExitLossConfig
@@ -184,12 +185,11 @@ def pretrain(args) -> dict:
         return _train_token_rl(args, token_rl, pm, optimizer, scheduler, logger, iteration,
                                consumed_samples, extra_models)
 
+    valid_batches = _validation_batches(args)
     train_ds, valid_ds, _ = build_datasets(
         args.data_path, args.split, args.seq_length, args.seed, tokenizer,
-        num_samples=(args.train_iters * args.global_batch_size,
-                     max(1, (args.train_iters // max(args.eval_interval, 1) + 1) * args.eval_iters
-                         * args.global_batch_size),
-                     1),
+        # every validation reads the same first batches of the valid split
+        num_samples=(args.train_iters * args.global_batch_size, max(1, valid_batches * args.global_batch_size), 1),
         mock=args.mock_data,
     )
     train_batches = _Batches(train_ds, args, consumed_samples)
@@ -228,8 +228,8 @@ def pretrain(args) -> dict:
                 logger.info(f" loss is {last['lm_loss']} at iteration {iteration}; stopping "
                             "(the last checkpoint is left as it was)")
                 raise FloatingPointError(f"non-finite loss at iteration {iteration}")
-            if args.eval_interval and valid_ds is not None and iteration % args.eval_interval == 0:
-                logger.evaluation(iteration, evaluate(pm, valid_ds, args, forward_step))
+            if args.eval_interval and valid_batches and valid_ds is not None and iteration % args.eval_interval == 0:
+                logger.evaluation(iteration, evaluate(pm, valid_ds, args, forward_step, valid_batches))
             if args.save_interval and iteration % args.save_interval == 0:
                 save(iteration)
             if signals.received():
@@ -286,10 +286,27 @@ def _train_token_rl(args, run, pm, optimizer, scheduler, logger, iteration: int,
     return {"iteration": iteration, "consumed_samples": consumed_samples, **last}
 
 
-def evaluate(pm, valid_ds, args, forward_step) -> dict:
+def _validation_batches(args) -> int:
+    """Global batches per validation: --eval-iters, capped at one epoch of the valid split (megatron's
+    GPTDataset starts over on a split's documents when asked for more, scoring tokens twice)."""
+    if args.mock_data or not args.eval_interval:
+        return args.eval_iters
+    try:
+        held = split_sequences(args.data_path, args.split, 1, args.seq_length)
+    except ValueError:
+        return 0   # a --split without a valid share: no validation
+    batches = min(args.eval_iters, held // args.global_batch_size)
+    if batches < args.eval_iters and int(os.environ.get("RANK", "0")) == 0:
+        print(f"validation: --eval-iters {args.eval_iters} asks for {args.eval_iters * args.global_batch_size} "
+              f"sequences, the valid split of --split {args.split} holds {held}: validating on {batches} "
+              "batches", flush=True)
+    return batches
+
+
+def evaluate(pm, valid_ds, args, forward_step, num_batches: int) -> dict:
     batches = _Batches(valid_ds, args, consumed_samples=0)
     totals = {}
-    for _ in range(args.eval_iters):
+    for _ in range(num_batches):
         for name, value in eval_step(pm, batches.next_global_batch(), forward_step).items():
             totals[name] = totals.get(name, 0) + value
     tokens = max(totals["num_tokens"].item(), 1.0)

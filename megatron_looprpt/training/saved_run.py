@@ -28,10 +28,13 @@ def read_saved_run(flag: str, load_dir: str) -> Dict[str, Any]:
     return info
 
 
-def saved_args_with_defaults(saved: Dict[str, Any]) -> Dict[str, Any]:
-    """The saved arguments over today's defaults, for flags added after the checkpoint was written."""
+def saved_model_args(saved: Dict[str, Any]) -> Dict[str, Any]:
+    """The saved arguments, for running the model rather than continuing its run: over today's
+    defaults (flags added after the checkpoint was written), with no training objective, whose
+    checks (a GRPO run's batch split into groups, its prompt file) do not bind a reader."""
     args = vars(build_parser().parse_args([]))
     args.update(saved)
+    args.update(rl_algo="none")
     return args
 
 
