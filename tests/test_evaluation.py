@@ -277,6 +277,23 @@ def test_split_sequences_is_one_epoch_of_megatrons_dataset(tmp_path):
     assert held_out_sequences([a, b], "50,50,0", "valid", 8) == 24 + 12
 
 
+def test_training_validation_is_capped_at_the_valid_split_too(tmp_path, capsys):
+    import argparse
+
+    from megatron_looprpt.training.loop import _validation_batches
+
+    a = _unique_token_prefix(tmp_path, "a", 40, first_token=0)       # valid split: 24 sequences of 8
+    args = argparse.Namespace(data_path=[a], split="50,50,0", seq_length=8, eval_iters=10,
+                              global_batch_size=4, eval_interval=5, mock_data=False)
+    assert _validation_batches(args) == 6
+    assert "--eval-iters 10 asks for 40 sequences, the valid split of --split 50,50,0 holds 24: " \
+           "validating on 6 batches" in capsys.readouterr().out
+    args.eval_iters = 3
+    assert _validation_batches(args) == 3 and capsys.readouterr().out == ""
+    args.split = "100,0,0"
+    assert _validation_batches(args) == 0                            # no valid share: no validation
+
+
 # ------------------------------------------------------------------------------------------
 # end to end: a real indexed dataset, a trained checkpoint, tools/evaluate.py
 # ------------------------------------------------------------------------------------------
