@@ -117,3 +117,18 @@ def test_stage2_trains_only_the_gate():
     assert gates.grad[:-1].abs().sum() > 0
     # The last step's gate never decides anything: all remaining mass exits there.
     assert gates.grad[-1].abs().sum() == 0
+
+
+def test_fused_label_log_probs_and_entropy_equal_the_separate_reductions(single_process_parallel):
+    from megatron_looprpt.models import vocab_parallel
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, 3, 50, generator=g) * 4
+    labels = torch.randint(0, 50, (5, 3), generator=g)
+    with torch.no_grad():
+        logp, ent = vocab_parallel.label_log_probs_and_entropy(logits, labels)
+    direct = torch.log_softmax(logits.double(), dim=-1)
+    torch.testing.assert_close(logp.double(), direct.gather(-1, labels.unsqueeze(-1)).squeeze(-1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ent.double(), -(direct.exp() * direct).sum(-1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logp, vocab_parallel.label_log_probs(logits.clone(), labels))
+    torch.testing.assert_close(ent, vocab_parallel.entropy(logits))

@@ -289,14 +289,18 @@ class LoopedGPTModel(LanguageModule):
         weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
         logits, _ = self.output_layer(hidden, weight=weight)
         values = {}
+        if not torch.is_grad_enabled() and "label_logprobs" in names and "entropy" in names:
+            values["label_logprobs"], values["entropy"] = vocab_parallel.label_log_probs_and_entropy(logits, labels_sb)
         for name in names:
+            if name in values:
+                continue
             if name == "entropy":
                 values[name] = vocab_parallel.entropy(logits)
             elif name == "predictions":
                 values[name] = vocab_parallel.argmax(logits)
             elif name == "logits":
                 values[name] = logits
-        if "label_logprobs" in names:
+        if "label_logprobs" in names and "label_logprobs" not in values:
             # megatron's vocab-parallel cross entropy works in place on its input to save
             # memory: run it last, and on a copy only when the caller keeps the logits.
             ce_input = logits.clone() if "logits" in names else logits
