@@ -16,7 +16,10 @@ The stand-in forwards everything to torch, except that
     generator here, so megatron's model-parallel RNG tracker forks it exactly as it forks the
     CUDA one on a GPU).
 The type-string checks are satisfied by running the few functions that contain them with
-``Tensor.type()`` reporting CUDA names for CPU tensors.
+``Tensor.type()`` reporting CUDA names for CPU tensors. One tensor method is called directly:
+``LanguageModule.setup_embeddings_and_output_layer`` moves the tied embedding to the GPU with
+``.cuda()`` before all-reducing it between the first and last pipeline stages; on CPU the same
+all-reduce runs where the weight lies.
 """
 
 from __future__ import annotations
@@ -217,6 +220,27 @@ def _import_megatron_modules():
     import megatron.core.transformer.transformer_block  # noqa: F401
 
 
+def _patch_tied_embedding_sync():
+    from megatron.core.models.common.language_module.language_module import LanguageModule
+
+    original = LanguageModule.setup_embeddings_and_output_layer
+
+    @functools.wraps(original)
+    def setup_embeddings_and_output_layer(self):
+        in_group = self._is_in_embd_group()
+        # megatron's own sync would call weight.data.cuda(): run the rest of the setup without
+        # it (an instance attribute shadows the method), then the same all-reduce on the CPU
+        self._is_in_embd_group = lambda: False
+        try:
+            original(self)
+        finally:
+            del self._is_in_embd_group
+        if in_group and self.share_embeddings_and_output_weights and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(self.shared_embedding_or_output_weight().data, group=self.embd_group)
+
+    LanguageModule.setup_embeddings_and_output_layer = setup_embeddings_and_output_layer
+
+
 def install() -> None:
     """Point megatron-core at the CPU. Idempotent; call before building models or optimizers."""
     global _installed
@@ -228,6 +252,7 @@ def install() -> None:
     if not _installed:
         _patch_rng()
         _patch_type_checks()
+        _patch_tied_embedding_sync()
         _installed = True
 
 

@@ -44,6 +44,24 @@ def test_layout_matches_single_process(layout, loops, tmp_path, tmp_path_factory
 
 
 # TP=2 without SP: every TP rank draws the noise of every position (with SP each draws its own part)
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["pp2", "tp2_pp2"])
+def test_tied_embeddings_across_pipeline_stages_match_single_process(layout, tmp_path, tmp_path_factory):
+    # the first stage's embedding and the last stage's output layer are one weight: synced at
+    # build (megatron's embedding group, bridged on CPU) and their gradients summed every step
+    if "tied" not in _reference:
+        out = tmp_path_factory.mktemp("tied") / "ref.json"
+        _reference["tied"] = run_json("tests/harness/layout_run.py", 1, ["--tied"], out)
+    expected = _reference["tied"]
+    nproc, flags = LAYOUTS[layout]
+    got = run_json("tests/harness/layout_run.py", nproc, [*flags, "--tied"], tmp_path / "run.json")
+    assert len(got) == len(expected) == 3
+    for g, e in zip(got, expected):
+        assert_close(g["loss"], e["loss"])
+        assert_close(g["grad_norm"], e["grad_norm"])
+    assert got[0]["loss"] != got[-1]["loss"]
+
+
 RL_LAYOUTS = {k: LAYOUTS[k] for k in ("tp2", "tp2_sp", "pp2", "dp2_distopt", "tp2_pp2_sp")}
 _rl_reference = {}
 # The policy-gradient term is a sum of +-advantage * log-prob that nearly cancels; its

@@ -44,6 +44,7 @@ def main():
     p.add_argument("--global-batch", type=int, default=8)
     p.add_argument("--micro-batch", type=int, default=2)
     p.add_argument("--rl", action="store_true", help="LoopRPT iterations instead of LM")
+    p.add_argument("--tied", action="store_true", help="output layer tied to the embedding")
     p.add_argument("--out", required=True)
     a = p.parse_args()
     parallel.initialize(a.tp, a.pp, seed=7)
@@ -54,7 +55,7 @@ def main():
         num_layers=4, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=96,
         vocab_size=vocab, max_position_embeddings=64, loop_steps=a.loops, tensor_parallel=a.tp,
         pipeline_parallel=a.pp, sequence_parallel=a.sp, make_vocab_size_divisible_by=64,
-        untie_embeddings_and_output_weights=True,
+        untie_embeddings_and_output_weights=not a.tied,
     )
     pm = build_model(cfg, seed=11, use_distributed_optimizer=a.dist_opt)
     optim = OptimConfig(lr=1e-3, min_lr=1e-4, lr_warmup_iters=1, lr_decay_iters=10,
