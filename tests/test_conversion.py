@@ -288,16 +288,22 @@ def test_dtype_and_resharding_between_megatron_checkpoints(tmp_path):
     ("ok", ["--target-format", "hf", "--target-tensor-parallel-size", "2"],
      "apply to --target-format mcore only"),
     ("ok", ["--target-format", "gguf"], "--target-format 'gguf': choose one of hf, mcore"),
+    ("no_weight_map", ["--target-format", "mcore"], "has no weight_map (tensor name -> shard file)"),
+    ("corrupt", ["--target-format", "mcore"], "model.safetensors is not a readable safetensors file"),
 ])
 def test_refusals_are_one_line_errors_before_any_work(tmp_path, case, argv, message):
     src = tmp_path / "hf"
-    write_hf(src, sharded=case == "missing_shard")
+    write_hf(src, sharded=case in ("missing_shard", "no_weight_map"))
     if case == "llama":
         config = json.loads((src / "config.json").read_text())
         config.update(model_type="llama", architectures=["LlamaForCausalLM"])
         (src / "config.json").write_text(json.dumps(config))
     elif case == "missing_shard":
         os.remove(src / "model-00002-of-00002.safetensors")
+    elif case == "no_weight_map":
+        (src / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}}))
+    elif case == "corrupt":
+        (src / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not a header")
     elif case == "bad_shape":
         weights = load_file(src / "model.safetensors")
         weights["model.layers.1.mlp.up_proj.weight"] = torch.zeros(40, 32)
@@ -391,3 +397,22 @@ def test_pretraining_continues_from_a_converted_checkpoint_and_exports_back(tmp_
         assert model["iteration"] == iteration
         assert [s["step"] for s in model["per_step"]] == [1, 2]
         assert all(0 < s["nll"] < 20 for s in model["per_step"])
+
+
+def test_a_failed_hugging_face_write_leaves_nothing_behind(tmp_path):
+    from megatron_looprpt.conversion.architecture import ConversionError
+    from megatron_looprpt.conversion.hf_format import HFLoader, save_hf
+
+    write_hf(tmp_path / "hf")
+    source = HFLoader(str(tmp_path / "hf"))
+    fetched = []
+
+    def failing_get(name):
+        fetched.append(name)
+        if len(fetched) == 3:
+            raise ConversionError(f"tensor {name} is unreadable")
+        return source.get(name)
+
+    with pytest.raises(ConversionError, match="unreadable"):
+        save_hf(source.arch, failing_get, torch.float32, str(tmp_path / "out"), 1 << 30)
+    assert sorted(os.listdir(tmp_path)) == ["hf"]      # neither out nor out.tmp-PID

@@ -55,15 +55,18 @@ class HFLoader:
         self.arch = OuroArchitecture.from_hf_config(
             _read_json(os.path.join(directory, CONFIG), "a Hugging Face checkpoint needs config.json"),
             os.path.join(directory, CONFIG))
-        self._file_of = self._weight_map()
         self._handles: Dict[str, object] = {}
+        self._file_of = self._weight_map()
         self._check_tensors()
         self.assets = {name: os.path.join(directory, name) for name in asset_files(directory)}
 
     def _weight_map(self) -> Dict[str, str]:
         index = os.path.join(self.directory, INDEX_FILE)
         if os.path.isfile(index):
-            weight_map = _read_json(index, "the shard index")["weight_map"]
+            weight_map = _read_json(index, "the shard index").get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise ConversionError(f"{index} has no weight_map (tensor name -> shard file): not a "
+                                      "safetensors index")
             missing = sorted({f for f in weight_map.values()
                               if not os.path.isfile(os.path.join(self.directory, f))})
             if missing:
@@ -76,12 +79,16 @@ class HFLoader:
             found = [n for n in os.listdir(self.directory) if n.endswith(_WEIGHT_SUFFIXES)]
             hint = f" (found {', '.join(found)}: only safetensors are read)" if found else ""
             raise ConversionError(f"{self.directory} has neither {SINGLE_FILE} nor {INDEX_FILE}{hint}")
-        with safe_open(single, framework="pt") as f:
-            return {name: SINGLE_FILE for name in f.keys()}
+        return {name: SINGLE_FILE for name in self._handle(SINGLE_FILE).keys()}
 
     def _handle(self, file_name: str):
         if file_name not in self._handles:
-            self._handles[file_name] = safe_open(os.path.join(self.directory, file_name), framework="pt")
+            path = os.path.join(self.directory, file_name)
+            try:
+                self._handles[file_name] = safe_open(path, framework="pt")
+            except Exception as error:  # noqa: BLE001 - safetensors raises its own error types
+                raise ConversionError(f"{path} is not a readable safetensors file "
+                                      f"({' '.join(str(error).split())[:200]})") from None
         return self._handles[file_name]
 
     def _check_tensors(self) -> None:
@@ -153,18 +160,22 @@ def save_hf(arch: OuroArchitecture, get, dtype: torch.dtype, directory: str, max
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     shapes = hf_shapes(arch)
-    for file_name, shard in zip(files, shards):
-        _write_safetensors(os.path.join(tmp, file_name), shard, shapes, dtype, get)
-    if len(shards) > 1:
-        index = {"metadata": {"total_size": sum(nbytes.values())},
-                 "weight_map": {name: f for f, shard in zip(files, shards) for name in shard}}
-        with open(os.path.join(tmp, INDEX_FILE), "w") as f:
-            json.dump(index, f, indent=2)
-    dtype_name = str(dtype).replace("torch.", "")
-    with open(os.path.join(tmp, CONFIG), "w") as f:
-        json.dump(arch.to_hf_config(dtype_name), f, indent=2)
-    for name, path in (assets or {}).items():
-        shutil.copy2(path, os.path.join(tmp, name))
+    try:
+        for file_name, shard in zip(files, shards):
+            _write_safetensors(os.path.join(tmp, file_name), shard, shapes, dtype, get)
+        if len(shards) > 1:
+            index = {"metadata": {"total_size": sum(nbytes.values())},
+                     "weight_map": {name: f for f, shard in zip(files, shards) for name in shard}}
+            with open(os.path.join(tmp, INDEX_FILE), "w") as f:
+                json.dump(index, f, indent=2)
+        dtype_name = str(dtype).replace("torch.", "")
+        with open(os.path.join(tmp, CONFIG), "w") as f:
+            json.dump(arch.to_hf_config(dtype_name), f, indent=2)
+        for name, path in (assets or {}).items():
+            shutil.copy2(path, os.path.join(tmp, name))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)   # a failed conversion leaves nothing behind
+        raise
     os.rename(tmp, directory)
     return files
 
