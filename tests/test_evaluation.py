@@ -432,7 +432,8 @@ def test_eval_iters_capped_at_the_split_and_quantile_buckets(single_quantiles, t
     held = _valid_sequences(trained["prefix"])
     batches = held // 8
     assert 1 <= batches < 100
-    assert f"--eval-iters 100 asks for 800 sequences, the valid split holds {held}: evaluating {batches} batches" in stdout
+    assert (f"--eval-iters 100 asks for 800 sequences, the valid split of --split 80,10,10 holds {held}: "
+            f"evaluating {batches} batches") in stdout
     data = report["data"]
     assert (data["eval_iters"], data["evaluated_batches"], data["split_sequences"]) == (100, batches, held)
     difficulty = report["difficulty"]

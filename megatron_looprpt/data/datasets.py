@@ -209,6 +209,21 @@ def split_sequences(data_path: DataPath, split: str, split_index: int, seq_lengt
     return num_samples
 
 
+def held_out_batches(data_path: DataPath, split: str, split_index: int, seq_length: int, eval_iters: int,
+                     global_batch_size: int, verb: str) -> Tuple[int, int]:
+    """(global batches to read, sequences the split holds): ``eval_iters`` capped at one epoch of
+    the split, so that no held-out token is scored twice. Counted from the data files alone, so
+    every rank gets the same number; rank 0 says so in one line when it caps (``verb``: what the
+    caller does with the batches). Raises ValueError when the split is empty."""
+    held = split_sequences(data_path, split, split_index, seq_length)
+    batches = min(eval_iters, held // global_batch_size)
+    if batches < eval_iters and int(os.environ.get("RANK", "0")) == 0:
+        name = ("train", "valid", "test")[split_index]
+        print(f"--eval-iters {eval_iters} asks for {eval_iters * global_batch_size} sequences, the {name} "
+              f"split of --split {split} holds {held}: {verb} {batches} batches", flush=True)
+    return batches, held
+
+
 def ensure_dataset_helpers() -> None:
     """Make sure megatron-core's compiled index helpers import, building them once if not.
 

@@ -21,7 +21,7 @@ every evaluated token, so a first pass computes the reference entropies of all g
 
 Held-out tokens are scored once: megatron's GPTDataset starts over on a split's documents when
 asked for more sequences than it holds, so the number of global batches is capped at what one
-epoch of the split gives (``data.datasets.split_sequences``).
+epoch of the split gives (``data.datasets.held_out_batches``).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from megatron_looprpt.arguments import ConfigError, validate_args
 from megatron_looprpt.data.datasets import (
     build_data_iterator,
     build_datasets,
-    split_sequences,
+    held_out_batches,
     validate_data_prefixes,
 )
 from megatron_looprpt.data.tokenizers import build_tokenizer, model_vocab_size
@@ -236,23 +236,19 @@ def _load_model(ckpt: Checkpoint):
 
 
 def eval_batches(args: argparse.Namespace, split_name: str) -> dict:
-    """How many global batches to evaluate: ``--eval-iters``, capped at what one epoch of the
-    split holds so that no held-out token is scored twice. Counted from the data files alone,
-    so every rank gets the same number."""
+    """How many global batches to evaluate (``data.datasets.held_out_batches``); a split smaller
+    than one global batch is an error."""
     try:
-        held = split_sequences(args.data_path, args.split, _SPLIT_INDEX[split_name], args.seq_length)
+        batches, held = held_out_batches(args.data_path, args.split, _SPLIT_INDEX[split_name], args.seq_length,
+                                         args.eval_iters, args.global_batch_size, verb="evaluating")
     except ValueError as error:
         raise ConfigError(f"{error}: evaluate another --split-name or pass a --split with a nonzero "
                           f"{split_name} share") from None
-    batches = min(args.eval_iters, held // args.global_batch_size)
     if batches == 0:
         raise ConfigError(f"--eval-iters/--global-batch-size: one global batch of {args.global_batch_size} "
                           f"sequences is more than the {split_name} split of --split {args.split} holds "
                           f"({held} sequences of {args.seq_length} tokens): lower --global-batch-size or "
                           f"give the split a larger {split_name} share")
-    if batches < args.eval_iters and int(os.environ.get("RANK", "0")) == 0:
-        print(f"--eval-iters {args.eval_iters} asks for {args.eval_iters * args.global_batch_size} sequences, "
-              f"the {split_name} split holds {held}: evaluating {batches} batches", flush=True)
     return {"eval_iters": args.eval_iters, "evaluated_batches": batches, "split_sequences": held}
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 import time
 from functools import partial
 from typing import Optional
@@ -13,7 +12,7 @@ from megatron.core import parallel_state
 
 from megatron_looprpt import parallel
 from megatron_looprpt.arguments import ConfigError, check_checkpoint_shape
-from megatron_looprpt.data.datasets import build_data_iterator, build_datasets, split_sequences
+from megatron_looprpt.data.datasets import build_data_iterator, build_datasets, held_out_batches
 from megatron_looprpt.data.tokenizers import build_tokenizer, model_vocab_size
 from megatron_looprpt.models.builder import LoopedModelConfig
 from megatron_looprpt.models.loss import ExitLossConfig
@@ -292,14 +291,10 @@ def _validation_batches(args) -> int:
     if args.mock_data or not args.eval_interval:
         return args.eval_iters
     try:
-        held = split_sequences(args.data_path, args.split, 1, args.seq_length)
+        batches, _ = held_out_batches(args.data_path, args.split, 1, args.seq_length, args.eval_iters,
+                                      args.global_batch_size, verb="validating on")
     except ValueError:
         return 0   # a --split without a valid share: no validation
-    batches = min(args.eval_iters, held // args.global_batch_size)
-    if batches < args.eval_iters and int(os.environ.get("RANK", "0")) == 0:
-        print(f"validation: --eval-iters {args.eval_iters} asks for {args.eval_iters * args.global_batch_size} "
-              f"sequences, the valid split of --split {args.split} holds {held}: validating on {batches} "
-              "batches", flush=True)
     return batches
 
 
