@@ -84,6 +84,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--exit-threshold", type=float, default=0.9, help="q of Q-exit (and LoopRPT's t_ref)")
     g.add_argument("--exit-gate-training", choices=["stage1", "stage2"], default="stage1",
                    help="stage2: Ouro's gate-only training from per-step loss improvements")
+    g.add_argument("--exit-gate-init", choices=["geometric", "uniform"], default="geometric",
+                   help="the exit distribution a new gate starts from: geometric = Ouro's shared gate with "
+                        "zero bias (1/2, 1/4, ...); uniform = plus a learned per-step bias starting it at 1/T "
+                        "(such a checkpoint cannot be exported to Hugging Face Ouro)")
+    g.add_argument("--step-loss-weights", choices=["exit", "uniform", "last"], default="exit",
+                   help="stage 1: how the backbone's per-step losses are weighted: exit = by the gate's exit "
+                        "distribution (Ouro's loss); uniform = 1/T each, last = the last step only, with the "
+                        "gate trained on the detached per-step losses")
 
     g = p.add_argument_group("training")
     g.add_argument("--micro-batch-size", type=int, default=4, help="sequences per micro-batch per data-parallel rank")
@@ -487,18 +495,25 @@ def _validate_logging(args) -> None:
 # what a --load checkpoint fixes: the shape, and what the weights were trained to expect (RoPE's
 # base and the norms' epsilon change every activation without changing a shape)
 _CHECKPOINT_SHAPE = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
-                     "ffn_hidden_size", "untie_embeddings_and_output_weights", "rotary_base", "norm_epsilon")
+                     "ffn_hidden_size", "untie_embeddings_and_output_weights", "rotary_base", "norm_epsilon",
+                     "exit_gate_init")
+# what a checkpoint written before a flag existed was trained with
+_CHECKPOINT_DEFAULTS = {"exit_gate_init": "geometric"}
 
 
 def check_checkpoint_shape(args: argparse.Namespace, saved_args: dict) -> None:
     """Refuse a --load checkpoint of another shape before anything is built. ``saved_args``: the
     arguments stored with the checkpoint. The vocabulary is compared once the caller has set
     ``args.padded_vocab_size`` (it needs the tokenizer)."""
+    saved_args = {**_CHECKPOINT_DEFAULTS, **saved_args}
     mismatches = [
         f"{_flag(name)} {getattr(args, name)} but the checkpoint has {saved_args[name]}"
         for name in _CHECKPOINT_SHAPE
         if name in saved_args and saved_args[name] != getattr(args, name)
     ]
+    if saved_args["exit_gate_init"] == "uniform" and saved_args.get("loop_steps", args.loop_steps) != args.loop_steps:
+        mismatches.append(f"--loop-steps {args.loop_steps} but the checkpoint's gate has a bias for each of its "
+                          f"{saved_args['loop_steps']} steps (--exit-gate-init uniform)")
     ours, theirs = getattr(args, "padded_vocab_size", None), saved_args.get("padded_vocab_size")
     if ours is not None and theirs is not None and ours != theirs:
         mismatches.append(f"padded vocabulary {ours} (from the tokenizer or --vocab-size) "

@@ -4,7 +4,9 @@
         --tokenizer-type SentencePieceTokenizer --tokenizer-model data/tokenizer.model \
         --append-eod --workers 2
 
-writes data/text_text_document.bin/.idx (one pair per --json-keys key).
+writes data/text_text_document.bin/.idx (one pair per --json-keys key). With --prompt-key P each
+record's --json-keys fields are completions of its field P: the document is prompt + completion,
+and data/<prefix>_<key>_loss_mask.bin/.idx beside it makes only the completion count in the loss.
 """
 
 import argparse
@@ -26,6 +28,9 @@ def main(argv=None) -> None:
     parser.add_argument("--input-format", choices=INPUT_FORMATS, default="jsonl",
                         help="jsonl; text: blank-line-separated documents; lines: one per line")
     parser.add_argument("--json-keys", nargs="+", default=["text"])
+    parser.add_argument("--prompt-key", default=None,
+                        help="jsonl field prepended to each document and left out of the loss "
+                             "(prompt/completion data: only the --json-keys text is trained on)")
     parser.add_argument("--output-prefix", required=True)
     parser.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES, required=True)
     parser.add_argument("--tokenizer-model", default=None)
@@ -40,7 +45,7 @@ def main(argv=None) -> None:
             args.input, args.output_prefix, args.tokenizer_type, args.tokenizer_model,
             args.vocab_size, json_keys=args.json_keys, input_format=args.input_format,
             append_eod=args.append_eod, workers=args.workers, chunk_size=args.chunk_size,
-            log_interval=args.log_interval,
+            log_interval=args.log_interval, prompt_key=args.prompt_key,
         )
     except (FileNotFoundError, ValueError) as err:
         parser.error(str(err))

@@ -145,6 +145,11 @@ class McoreLoader:
             raise ConversionError(f"--load-dir {load_dir}: the checkpoint saved no run arguments, "
                                   "so its model shape is unknown")
         self.path, self.args = info["path"], info["args"]
+        if self.args.get("exit_gate_init", "geometric") != "geometric":
+            # conversion goes through Ouro's tensors, which have no per-step gate bias
+            raise ConversionError(f"--load-dir {load_dir}: trained with --exit-gate-init "
+                                  f"{self.args['exit_gate_init']}, whose per-step exit-gate biases Ouro's "
+                                  "format cannot hold; only --exit-gate-init geometric checkpoints convert")
         self.prefix = ""
         if model == "teacher":
             if "teacher" not in info.get("extra_models", []):

@@ -3,6 +3,13 @@
 - ``preprocess_jsonl``: documents -> megatron-core ``.bin/.idx`` files (Megatron-LM layout).
 - ``build_datasets``: megatron-core ``BlendedMegatronDatasetBuilder`` over ``GPTDataset``.
 - ``build_data_iterator``: micro-batches in a resumable, dp-size-independent order.
+
+Prompt/completion documents (``preprocess_jsonl(prompt_key=...)``) count only their completion
+in the loss: beside ``{prefix}_{key}_document`` a second indexed dataset with the same document
+lengths, ``{prefix}_{key}_loss_mask``, holds 1 for every token whose prediction is trained and 0
+for the prompt's. The token dataset stays a plain megatron dataset; the GPT dataset reads the
+mask where one lies beside the tokens (``loss_mask_prefix``) and multiplies it into
+``loss_mask``. This is how synthetic tasks train on their answers only (``data/composition``).
 """
 
 import importlib
@@ -27,39 +34,61 @@ DataPath = Union[str, Sequence[str]]
 _worker_encoder: Optional["_Encoder"] = None
 
 
-class _Encoder:
-    """Tokenizes one ``{key: text}`` record into ``{key: ids}`` (eod appended if asked)."""
+# One encoded document: its token ids and, for prompt/completion documents, the loss mask.
+Encoded = Tuple[List[int], Optional[List[int]]]
 
-    def __init__(self, tokenizer: Tokenizer, append_eod: bool) -> None:
+
+class _Encoder:
+    """Tokenizes one ``{key: text}`` record into ``{key: (ids, mask)}`` (eod appended if asked).
+
+    With ``prompt_key`` each other key is a completion of the record's prompt: its document is
+    the prompt's tokens then the completion's, and its mask is 0 on the prompt and 1 on the
+    completion (and its eod). Without it the mask is None (every token counts)."""
+
+    def __init__(self, tokenizer: Tokenizer, append_eod: bool, prompt_key: Optional[str] = None) -> None:
         self.tokenizer = tokenizer
         self.append_eod = append_eod
+        self.prompt_key = prompt_key
 
-    def __call__(self, record: Dict[str, str]) -> Tuple[Dict[str, List[int]], int]:
+    def __call__(self, record: Dict[str, str]) -> Tuple[Dict[str, Encoded], int]:
         encoded, num_bytes = {}, 0
+        prompt = []
+        if self.prompt_key is not None:
+            prompt = self.tokenizer.tokenize(record[self.prompt_key])
+            num_bytes += len(record[self.prompt_key].encode("utf-8"))
         for key, text in record.items():
+            if key == self.prompt_key:
+                continue
             ids = self.tokenizer.tokenize(text)
             if self.append_eod and ids:
                 ids.append(self.tokenizer.eod)
-            encoded[key] = ids
+            mask = None if self.prompt_key is None else [0] * len(prompt) + [1] * len(ids)
+            encoded[key] = (prompt + ids if ids else [], mask)
             num_bytes += len(text.encode("utf-8"))
         return encoded, num_bytes
 
 
 def _init_worker(tokenizer_type: str, tokenizer_model: Optional[str], vocab_size: Optional[int],
-                 append_eod: bool) -> None:
+                 append_eod: bool, prompt_key: Optional[str]) -> None:
     # Tokenizers wrap native objects, so each worker builds its own rather than unpickling one.
     global _worker_encoder
     _worker_encoder = _Encoder(build_tokenizer(tokenizer_type, tokenizer_model, vocab_size),
-                               append_eod)
+                               append_eod, prompt_key)
 
 
-def _encode_in_worker(record: Dict[str, str]) -> Tuple[Dict[str, List[int]], int]:
+def _encode_in_worker(record: Dict[str, str]) -> Tuple[Dict[str, Encoded], int]:
     return _worker_encoder(record)
 
 
 def document_prefix(output_prefix: str, key: str) -> str:
     """Megatron-LM's naming: ``{output_prefix}_{key}_document`` (+ ``.bin``/``.idx``)."""
     return f"{output_prefix}_{key}_document"
+
+
+def loss_mask_prefix(prefix: str) -> str:
+    """Where the loss mask of the documents at ``prefix`` lies (see the module docstring)."""
+    stem = prefix[: -len("_document")] if prefix.endswith("_document") else prefix
+    return f"{stem}_loss_mask"
 
 
 def preprocess_jsonl(
@@ -74,11 +103,14 @@ def preprocess_jsonl(
     workers: int = 1,
     chunk_size: int = 64,
     log_interval: int = 10_000,
+    prompt_key: Optional[str] = None,
 ) -> Dict[str, str]:
     """Tokenize documents into one indexed dataset per json key; returns ``{key: prefix}``.
 
     Documents that tokenize to nothing are skipped. ``input_format`` is jsonl, text or lines (see
     ``corpus.read_documents``); the plain-text formats have the single key ``text``.
+    ``prompt_key`` (jsonl only): every record's ``json_keys`` are completions of its prompt,
+    trained on alone; their loss masks are written beside them (``loss_mask_prefix``).
     """
     from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
@@ -87,9 +119,15 @@ def preprocess_jsonl(
         if not os.path.isfile(path):
             raise FileNotFoundError(f"--input {path} does not exist")
     keys = list(json_keys) if input_format == "jsonl" else ["text"]
+    if prompt_key is not None:
+        if input_format != "jsonl":
+            raise ValueError("--prompt-key needs --input-format jsonl (a prompt field beside each document)")
+        if prompt_key in keys:
+            raise ValueError(f"--prompt-key {prompt_key} is also in --json-keys: the prompt is not a document")
     tokenizer = build_tokenizer(tokenizer_type, tokenizer_model, vocab_size)
+    read_keys = keys + ([prompt_key] if prompt_key is not None else [])
     records = itertools.chain.from_iterable(
-        read_documents(path, keys, input_format) for path in inputs
+        read_documents(path, read_keys, input_format) for path in inputs
     )
     # Pull the first record before creating outputs so a wrong --json-keys leaves no files.
     first = next(records, None)
@@ -101,23 +139,29 @@ def preprocess_jsonl(
     dtype = DType.optimal_dtype(tokenizer.vocab_size)
     prefixes = {key: document_prefix(output_prefix, key) for key in keys}
     builders = {key: IndexedDatasetBuilder(p + ".bin", dtype=dtype) for key, p in prefixes.items()}
+    mask_builders = {}
+    if prompt_key is not None:
+        mask_builders = {key: IndexedDatasetBuilder(loss_mask_prefix(p) + ".bin", dtype=DType.optimal_dtype(2))
+                         for key, p in prefixes.items()}
 
     pool = None
     if workers > 1:
         pool = multiprocessing.Pool(
-            workers, _init_worker, (tokenizer_type, tokenizer_model, vocab_size, append_eod)
+            workers, _init_worker, (tokenizer_type, tokenizer_model, vocab_size, append_eod, prompt_key)
         )
         encoded = pool.imap(_encode_in_worker, records, chunk_size)
     else:
-        encoded = map(_Encoder(tokenizer, append_eod), records)
+        encoded = map(_Encoder(tokenizer, append_eod, prompt_key), records)
 
     start, total_bytes = time.time(), 0
     try:
         for num_docs, (doc, num_bytes) in enumerate(encoded, 1):
             total_bytes += num_bytes
-            for key, ids in doc.items():
+            for key, (ids, mask) in doc.items():
                 if ids:
                     builders[key].add_document(ids, [len(ids)])
+                    if mask is not None:
+                        mask_builders[key].add_document(mask, [len(mask)])
             if num_docs % log_interval == 0:
                 elapsed = max(time.time() - start, 1e-9)
                 print(f"processed {num_docs} documents ({num_docs / elapsed:.0f} docs/s, "
@@ -127,6 +171,8 @@ def preprocess_jsonl(
             pool.terminate()
     for key, builder in builders.items():
         builder.finalize(prefixes[key] + ".idx")
+    for key, builder in mask_builders.items():
+        builder.finalize(loss_mask_prefix(prefixes[key]) + ".idx")
     return prefixes
 
 
@@ -305,7 +351,9 @@ def build_datasets(
     from megatron.core.datasets.blended_megatron_dataset_builder import (
         BlendedMegatronDatasetBuilder,
     )
-    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
+    from megatron.core.datasets.gpt_dataset import GPTDatasetConfig, MockGPTDataset
+
+    from megatron_looprpt.data.masked_gpt_dataset import MaskedGPTDataset
 
     ensure_dataset_helpers()
     blend = None
@@ -333,7 +381,7 @@ def build_datasets(
     )
     if not mock:
         _check_splits_nonempty(blend[0], config.split_matrix, split)
-    cls = MockGPTDataset if mock else GPTDataset
+    cls = MockGPTDataset if mock else MaskedGPTDataset
     builder = BlendedMegatronDatasetBuilder(cls, list(num_samples), is_built_on_rank, config)
     return tuple(builder.build())
 

@@ -37,6 +37,9 @@ class LoopedModelConfig:
     pipeline_parallel: int = 1
     sequence_parallel: bool = False
     make_vocab_size_divisible_by: int = 128
+    # geometric: Ouro's shared gate (zero bias: p = 1/2, 1/4, ...); uniform: plus a learned
+    # per-step bias that starts the exit distribution at 1/T (not exportable to Ouro's format)
+    exit_gate_init: str = "geometric"
 
     @property
     def padded_vocab_size(self) -> int:
@@ -111,6 +114,7 @@ def build_stage(cfg: LoopedModelConfig, config: Optional[TransformerConfig] = No
         post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=True),
         share_embeddings_and_output_weights=not cfg.untie_embeddings_and_output_weights,
         rotary_base=cfg.rotary_base,
+        exit_gate_step_bias=cfg.exit_gate_init == "uniform",
     )
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())

@@ -5,6 +5,9 @@ exits at step t with p(t) = lambda_t * prod_{j<t} (1 - lambda_j); the last step 
 that is left, so p sums to one. Everything here works on tensors shaped [T, ...].
 """
 
+import math
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
@@ -12,21 +15,42 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 
 class ExitGate(MegatronModule):
-    """hidden -> 1 linear map with bias, replicated on every tensor-parallel rank."""
+    """hidden -> 1 linear map with bias, replicated on every tensor-parallel rank.
 
-    def __init__(self, config: TransformerConfig):
+    ``step_bias_steps``: also a learned bias per loop step (``--exit-gate-init uniform``), which
+    ``init_weights`` sets so that the exit distribution starts uniform (p(t) = 1/T) instead of
+    the geometric (1/2, 1/4, ...) a shared gate starts from. Ouro's gate has no such bias.
+    """
+
+    def __init__(self, config: TransformerConfig, step_bias_steps: Optional[int] = None):
         super().__init__(config=config)
         self.weight = torch.nn.Parameter(torch.zeros(1, config.hidden_size, dtype=config.params_dtype))
         self.bias = torch.nn.Parameter(torch.zeros(1, dtype=config.params_dtype))
+        params = [self.weight, self.bias]
+        self.step_bias = None
+        if step_bias_steps is not None:
+            self.step_bias = torch.nn.Parameter(torch.zeros(step_bias_steps, dtype=config.params_dtype))
+            params.append(self.step_bias)
         # Under sequence parallelism each TP rank sees a different slice of the sequence, so the
         # replicated gate's gradients must be summed across TP (finalize_model_grads does this
         # for parameters carrying this flag).
-        for param in (self.weight, self.bias):
+        for param in params:
             setattr(param, "sequence_parallel", config.sequence_parallel)
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[s, b, h] -> gate logits [s, b], in fp32."""
-        return F.linear(hidden.float(), self.weight.float(), self.bias.float()).squeeze(-1)
+    def forward(self, hidden: torch.Tensor, step: int = 0) -> torch.Tensor:
+        """[..., s, b, h] after loop step ``step`` (0-based) -> gate logits [..., s, b], in fp32."""
+        logits = F.linear(hidden.float(), self.weight.float(), self.bias.float()).squeeze(-1)
+        if self.step_bias is not None:
+            logits = logits + self.step_bias[step].float()
+        return logits
+
+
+def uniform_prior_step_bias(num_steps: int) -> torch.Tensor:
+    """Per-step gate logits that make the exit distribution uniform: lambda_t = 1 / (T - t) for
+    0-based t (a token still in the loop at step t exits there with that probability); the last
+    step takes the rest, whatever its logit."""
+    # logit(1 / (T - t)) = -log(T - t - 1)
+    return torch.tensor([-math.log(num_steps - t - 1) for t in range(num_steps - 1)] + [0.0])
 
 
 def exit_log_distribution(gate_logits: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,8 @@ import zlib
 import torch
 from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, ShardedTensorFactory
 
+from megatron_looprpt.models.exit_gate import uniform_prior_step_bias
+
 _ONES = ("layernorm.weight", "layer_norm_weight", "norm.weight")
 _DEPTH_SCALED = ("linear_proj.weight", "linear_fc2.weight")
 
@@ -36,6 +38,8 @@ def _leaves(state_dict):
 def _fill(key: str, shape, generator, std: float, depth: int) -> torch.Tensor:
     if key.endswith(_ONES):
         return torch.ones(shape)
+    if key.endswith("exit_gate.step_bias"):
+        return uniform_prior_step_bias(shape[0])
     if key.endswith("bias"):
         return torch.zeros(shape)
     scale = std / math.sqrt(2.0 * depth) if key.endswith(_DEPTH_SCALED) else std

@@ -120,6 +120,7 @@ class LoopedGPTModel(LanguageModule):
         share_embeddings_and_output_weights: bool = False,
         rotary_base: int = 10000,
         loops_inside: bool = True,
+        exit_gate_step_bias: bool = False,
     ):
         super().__init__(config=config)
         self.vocab_size = vocab_size
@@ -170,7 +171,7 @@ class LoopedGPTModel(LanguageModule):
                 gather_output=False,
                 skip_weight_param_allocation=pre_process and share_embeddings_and_output_weights,
             )
-            self.exit_gate = ExitGate(config)
+            self.exit_gate = ExitGate(config, loop_steps if exit_gate_step_bias else None)
         if pre_process or post_process:
             self.setup_embeddings_and_output_layer()
 
@@ -235,12 +236,12 @@ class LoopedGPTModel(LanguageModule):
         return output
 
     def _step_head(self, hidden, labels_sb, head: HeadRequest, step: int) -> StepOutput:
-        result = StepOutput(gate_logits=self._gate_full_sequence(hidden).transpose(0, 1))
+        result = StepOutput(gate_logits=self._gate_full_sequence(hidden, step).transpose(0, 1))
         if head.rollout_noise is not None:
             # The policy is the exit gate: rollouts train it, not the latents they perturb.
             offset, seq_length = self._sequence_slice(hidden)
             noisy = head.rollout_noise(step, hidden.detach(), offset, seq_length)
-            result.rollout_gate_logits = self._gate_full_sequence(noisy).transpose(-1, -2)
+            result.rollout_gate_logits = self._gate_full_sequence(noisy, step).transpose(-1, -2)
         if head.hidden:
             result.hidden = hidden
         vocab_outputs = self._vocab_outputs(labels_sb, head)
@@ -255,9 +256,10 @@ class LoopedGPTModel(LanguageModule):
                 setattr(result, name, value.transpose(0, 1))
         return result
 
-    def _gate_full_sequence(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Gate logits [..., s, b] over the whole sequence (gathered under SP)."""
-        gate_logits = self.exit_gate(hidden)
+    def _gate_full_sequence(self, hidden: torch.Tensor, step: int) -> torch.Tensor:
+        """Gate logits [..., s, b] after loop step ``step`` over the whole sequence (gathered
+        under SP)."""
+        gate_logits = self.exit_gate(hidden, step)
         if not self.config.sequence_parallel:
             return gate_logits
         seq_dim = gate_logits.dim() - 2

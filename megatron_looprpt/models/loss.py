@@ -1,15 +1,26 @@
-"""Training objectives of the looped LM (Ouro).
+"""Training objectives of the looped LM (Ouro), and the LM loss they are measured by.
 
-Stage 1: L = sum_t p(t) * CE_t - beta * H(p), the expected cross entropy under the exit
-distribution with an entropy bonus that keeps the gate from collapsing onto one step.
+The LM's loss is the expected cross entropy under the exit distribution, sum_t p(t) CE_t: the
+loss of a model that exits at step t with probability p(t). It is what ``lm_loss`` and ``ppl``
+report whatever is optimised, so runs with different objectives compare on one scale.
+
+Stage 1 objectives (``step_weights``):
+- ``exit`` (Ouro's): L = sum_t p(t) CE_t - beta H(p). The backbone's step-t loss is weighted by
+  the gate's p(t); the entropy bonus (a KL to the uniform prior, up to a constant) keeps the gate
+  from collapsing onto one step.
+- ``uniform`` / ``last``: the backbone is trained on (1/T) sum_t CE_t, or on CE_T alone, and the
+  gate learns the same exit objective on the detached per-step losses,
+  sum_t p(t) sg[CE_t] - beta H(p). The gate then decides where to exit without deciding how much
+  each step is trained, which breaks the loop by which an early-exiting gate starves the later
+  steps of gradient and the later steps' higher loss pushes the gate to exit earlier still.
 Stage 2 (gate training): the backbone is frozen out of the loss (its per-step losses are
 detached) and the gate learns to stop when another step stops helping: with the per-token
 improvement I_t = max(0, CE_{t-1} - CE_t), the target continue-probability is
 w_t = sigmoid(k * (I_t - gamma)) and the gate is trained with binary cross entropy between
 (1 - lambda_t) and w_t.
 
-Both return per-token losses [b, s]; reductions over tokens are the caller's (token-weighted,
-so that every layout and micro-batching gives the same loss).
+Everything returns per-token tensors [b, s]; reductions over tokens are the caller's
+(token-weighted, so that every layout and micro-batching gives the same loss).
 """
 
 from __future__ import annotations
@@ -21,24 +32,37 @@ import torch.nn.functional as F
 
 from megatron_looprpt.models.exit_gate import exit_log_distribution
 
+STEP_WEIGHTS = ("exit", "uniform", "last")
+
 
 @dataclass(frozen=True)
 class ExitLossConfig:
     entropy_coef: float = 0.05
     stage: str = "stage1"
+    step_weights: str = "exit"
     improvement_sharpness: float = 50.0   # k
     improvement_margin: float = 0.005     # gamma
     exit_threshold: float = 0.9           # q of Q-exit, for the steps-used metric
 
+    def __post_init__(self):
+        if self.step_weights not in STEP_WEIGHTS:
+            raise ValueError(f"step_weights must be one of {STEP_WEIGHTS}, got {self.step_weights!r}")
 
-def stage1_token_loss(label_logprobs: torch.Tensor, gate_logits: torch.Tensor,
-                      entropy_coef: float) -> torch.Tensor:
-    """[T, b, s] inputs -> [b, s] Ouro stage-1 loss."""
+
+def stage1_token_loss(label_logprobs: torch.Tensor, gate_logits: torch.Tensor, entropy_coef: float,
+                      step_weights: str = "exit") -> torch.Tensor:
+    """[T, b, s] inputs -> [b, s] stage-1 objective (see the module docstring)."""
+    ce = -label_logprobs
     log_p = exit_log_distribution(gate_logits)
     p = log_p.exp()
-    expected_ce = -(p * label_logprobs).sum(dim=0)
-    exit_entropy = -(p * log_p).sum(dim=0)
-    return expected_ce - entropy_coef * exit_entropy
+    entropy_bonus = entropy_coef * (p * log_p).sum(dim=0)     # -beta H(p)
+    if step_weights == "exit":
+        return (p * ce).sum(dim=0) + entropy_bonus
+    backbone = ce.mean(dim=0) if step_weights == "uniform" else ce[-1]
+    # The gate's term, sum_t p(t) sg[CE_t], less its own value: the gradient it sends the gate
+    # is unchanged, and the objective's value stays backbone CE - beta H(p).
+    gate = (p * ce.detach()).sum(dim=0)
+    return backbone + (gate - gate.detach()) + entropy_bonus
 
 
 def stage2_token_loss(label_logprobs: torch.Tensor, gate_logits: torch.Tensor,
@@ -56,6 +80,7 @@ def stage2_token_loss(label_logprobs: torch.Tensor, gate_logits: torch.Tensor,
 
 
 def token_loss(label_logprobs, gate_logits, cfg: ExitLossConfig) -> torch.Tensor:
+    """[T, b, s] inputs -> [b, s] objective of ``cfg``'s stage."""
     if cfg.stage == "stage2":
         return stage2_token_loss(label_logprobs, gate_logits, cfg)
-    return stage1_token_loss(label_logprobs, gate_logits, cfg.entropy_coef)
+    return stage1_token_loss(label_logprobs, gate_logits, cfg.entropy_coef, cfg.step_weights)

@@ -12,8 +12,8 @@ from typing import Deque
 
 import torch
 
-from megatron_looprpt.models.exit_gate import exit_distribution, expected_exit_step, q_exit_steps
 from megatron_looprpt.models.looped_gpt import HeadRequest, LoopedOutput
+from megatron_looprpt.training.objectives import lm_metric_sums
 from megatron_looprpt.training.step import to_device
 from megatron_looprpt.rl.looprpt_loss import LoopRPTConfig, StudentOutputs, TeacherOutputs, looprpt_loss
 from megatron_looprpt.rl.rollouts import LatentNoise, exit_uniforms
@@ -42,18 +42,14 @@ def looprpt_objective(batch, teacher: TeacherOutputs, cfg: LoopRPTConfig, vocab_
     loss_sum, m = looprpt_loss(teacher, student, batch["loss_mask"], vocab_size, cfg,
                                uniforms.to(label_logprobs.device), normalizer=1.0)
     mask = batch["loss_mask"].to(label_logprobs.dtype)
-    with torch.no_grad():
-        p = exit_distribution(gate_logits)
-        metrics = {
-            "lm_loss": ((p * -label_logprobs).sum(0) * mask).sum(),
-            "step_ce": (-label_logprobs * mask).sum(dim=(1, 2)),
-            "exit_step": (expected_exit_step(p) * mask).sum(),
-            "qexit_steps": ((q_exit_steps(p, cfg.exit_threshold) + 1).to(mask.dtype) * mask).sum(),
-            "num_tokens": mask.sum(),
-            "rl_hard_tokens": m["num_hard_tokens"],
-            "rl_teacher_t_ref": m["teacher_t_ref"] * m["num_valid_tokens"],
-            **{f"rl_{name}": m[name] for name in RL_SUMS_OVER_HARD},
-        }
+    metrics = lm_metric_sums(label_logprobs, gate_logits, mask, cfg.exit_threshold)
+    metrics.update({
+        # LoopRPT's objective is a mean over hard tokens (rl_record divides it so)
+        "objective": loss_sum.detach().clone(),
+        "rl_hard_tokens": m["num_hard_tokens"],
+        "rl_teacher_t_ref": m["teacher_t_ref"] * m["num_valid_tokens"],
+        **{f"rl_{name}": m[name] for name in RL_SUMS_OVER_HARD},
+    })
     return loss_sum, m["num_hard_tokens"].to(torch.int), metrics
 
 
@@ -83,6 +79,7 @@ def rl_record(metrics) -> dict:
     hard = metrics["rl_hard_tokens"].item()
     valid = max(metrics["num_tokens"].item(), 1.0)
     record = {name: metrics[f"rl_{name}"].item() / max(hard, 1.0) for name in RL_SUMS_OVER_HARD}
+    record["objective"] = metrics["objective"].item() / max(hard, 1.0)
     record["student_exit_step"] = metrics["exit_step"].item() / valid
     record["teacher_t_ref"] = metrics["rl_teacher_t_ref"].item() / valid
     record["hard_token_fraction"] = hard / valid

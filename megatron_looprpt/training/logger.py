@@ -1,6 +1,11 @@
 """Run logging: a console line per interval, one JSON object per iteration, TensorBoard and
 wandb when installed, a progress bar when attached to a terminal. Only the last rank of the
-first pipeline/tensor group writes (metrics are identical on every rank after reduction)."""
+first pipeline/tensor group writes (metrics are identical on every rank after reduction).
+
+As in Megatron-LM, the console, TensorBoard and wandb show each --log-interval's average:
+losses and other per-iteration values are means over the interval's iterations, rates
+(tokens/s, TFLOP/s, MFU) are totals over the interval's elapsed time, and the learning rate is
+the last one. ``--log-json`` keeps every iteration's own values."""
 
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ class RunLogger:
         self.log_interval = log_interval
         self.train_iters = train_iters
         self.progress_bar = progress_bar and sys.stderr.isatty()
+        self.interval = IntervalAverage()
         self.json_file = None
         self.tensorboard = None
         self.wandb = None
@@ -59,16 +65,18 @@ class RunLogger:
         iteration = record["iteration"]
         if self.json_file:
             self.json_file.write(json.dumps(record) + "\n")
-        scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "iteration"}
-        if self.tensorboard:
-            for name, value in scalars.items():
-                self.tensorboard.add_scalar(f"train/{name}", value, iteration)
-        if self.wandb:
-            self.wandb.log(scalars, step=iteration)
+        self.interval.add(record)
         if iteration % self.log_interval == 0 or iteration == self.train_iters:
+            average = self.interval.pop()
+            scalars = {k: v for k, v in average.items() if isinstance(v, (int, float)) and k != "iteration"}
+            if self.tensorboard:
+                for name, value in scalars.items():
+                    self.tensorboard.add_scalar(f"train/{name}", value, iteration)
+            if self.wandb:
+                self.wandb.log(scalars, step=iteration)
             if self.progress_bar:
                 sys.stderr.write("\r\033[K")
-            print(format_line(record, self.train_iters), flush=True)
+            print(format_line(average, self.train_iters), flush=True)
         elif self.progress_bar:
             done = iteration / max(self.train_iters, 1)
             bar = "#" * int(30 * done)
@@ -89,7 +97,8 @@ class RunLogger:
                            step=iteration)
         steps = " ".join(f"{v:.3f}" for v in record.get("step_loss", []))
         print(f" validation at iteration {iteration}: lm loss {record['lm_loss']:.4f} | "
-              f"ppl {record['ppl']:.2f} | per-step loss [{steps}] | exit step {record['exit_step']:.2f}",
+              f"ppl {record['ppl']:.2f} | objective {record['objective']:.4f} | per-step loss [{steps}] | "
+              f"Q-exit loss {record['qexit_loss']:.4f} | exit step {record['exit_step']:.2f}",
               flush=True)
 
     def close(self) -> None:
@@ -99,6 +108,41 @@ class RunLogger:
             self.tensorboard.close()
         if self.wandb:
             self.wandb.finish()
+
+
+# Per-iteration rates: averaged over an interval weighted by each iteration's elapsed time,
+# i.e. total work over total time. Values kept as the interval's last.
+_RATES = ("tokens_per_sec", "tflops_per_device", "mfu")
+_TIME = ("iteration_time", "elapsed_s")
+_LAST = ("iteration", "lr")
+
+
+class IntervalAverage:
+    """Accumulates iteration records and returns their interval average (see the module
+    docstring); lists (per-step losses) are averaged element-wise."""
+
+    def __init__(self):
+        self.records = []
+
+    def add(self, record: Dict) -> None:
+        self.records.append(record)
+
+    def pop(self) -> Dict:
+        records, self.records = self.records, []
+        time_key = next((key for key in _TIME if key in records[-1]), None)
+        times = [r.get(time_key) or 0.0 for r in records] if time_key else []
+        average = {}
+        for key, last in records[-1].items():
+            values = [r[key] for r in records if r.get(key) is not None]
+            if key in _LAST or not values or not isinstance(last, (int, float, list)) or isinstance(last, bool):
+                average[key] = last
+            elif key in _RATES and time_key and sum(times) > 0:
+                average[key] = sum(r[key] * t for r, t in zip(records, times) if r.get(key) is not None) / sum(times)
+            elif isinstance(last, list):
+                average[key] = [sum(column) / len(column) for column in zip(*values)]
+            else:
+                average[key] = sum(values) / len(values)
+        return average
 
 
 def format_line(record: Dict, train_iters: int) -> str:
@@ -114,7 +158,9 @@ def format_line(record: Dict, train_iters: int) -> str:
     parts = [
         f" iteration {record['iteration']:>6}/{train_iters}",
         f"lm loss {record['lm_loss']:.4f}",
+        f"objective {record['objective']:.4f}",
         f"per-step loss [{steps}]",
+        f"Q-exit loss {record['qexit_loss']:.4f}",
         f"exit step {record['exit_step']:.2f} (Q-exit {record['qexit_steps']:.2f})",
         f"lr {record['lr']:.3e}",
         f"grad norm {record['grad_norm']:.3f}",

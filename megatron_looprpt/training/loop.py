@@ -51,6 +51,7 @@ def model_config(args, vocab_size: int) -> LoopedModelConfig:
         pipeline_parallel=args.pipeline_model_parallel_size,
         sequence_parallel=args.sequence_parallel,
         make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
+        exit_gate_init=args.exit_gate_init,
     )
 
 
@@ -193,7 +194,7 @@ def pretrain(args) -> dict:
     )
     train_batches = _Batches(train_ds, args, consumed_samples)
     exit_cfg = ExitLossConfig(entropy_coef=args.exit_entropy_coef, stage=args.exit_gate_training,
-                              exit_threshold=args.exit_threshold)
+                              step_weights=args.step_loss_weights, exit_threshold=args.exit_threshold)
     forward_step = make_forward_step(partial(lm_objective, cfg=exit_cfg))
     flop_shape = FlopShape(cfg.num_layers, cfg.hidden_size, cfg.num_attention_heads,
                            cfg.num_query_groups or cfg.num_attention_heads,
@@ -304,25 +305,29 @@ def evaluate(pm, valid_ds, args, forward_step, num_batches: int) -> dict:
     for _ in range(num_batches):
         for name, value in eval_step(pm, batches.next_global_batch(), forward_step).items():
             totals[name] = totals.get(name, 0) + value
-    tokens = max(totals["num_tokens"].item(), 1.0)
-    lm_loss = totals["lm_loss"].item() / tokens
+    record = lm_record(totals)
+    record["ppl"] = math.exp(min(record["lm_loss"], 50.0))
+    return record
+
+
+def lm_record(metrics) -> dict:
+    """Per-token means of the LM metric sums (``training.objectives``)."""
+    n = max(metrics["num_tokens"].item(), 1.0)
     return {
-        "lm_loss": lm_loss,
-        "ppl": math.exp(min(lm_loss, 50.0)),
-        "step_loss": (totals["step_ce"] / tokens).tolist(),
-        "exit_step": totals["exit_step"].item() / tokens,
-        "qexit_steps": totals["qexit_steps"].item() / tokens,
+        "lm_loss": metrics["lm_loss"].item() / n,
+        "objective": metrics["objective"].item() / n,
+        "qexit_loss": metrics["qexit_loss"].item() / n,
+        "step_loss": (metrics["step_ce"] / n).tolist(),
+        "exit_entropy": metrics["exit_entropy"].item() / n,
+        "exit_step": metrics["exit_step"].item() / n,
+        "qexit_steps": metrics["qexit_steps"].item() / n,
     }
 
 
 def _record(iteration, metrics, elapsed, tokens, tflops, peak) -> dict:
-    n = max(metrics["num_tokens"].item(), 1.0)
-    record = {
+    return {
         "iteration": iteration,
-        "lm_loss": metrics["lm_loss"].item() / n,
-        "step_loss": (metrics["step_ce"] / n).tolist(),
-        "exit_step": metrics["exit_step"].item() / n,
-        "qexit_steps": metrics["qexit_steps"].item() / n,
+        **lm_record(metrics),
         "grad_norm": metrics["grad_norm"].item(),
         "lr": metrics["lr"].item(),
         "tokens_per_sec": tokens / elapsed,
@@ -330,7 +335,6 @@ def _record(iteration, metrics, elapsed, tokens, tflops, peak) -> dict:
         "mfu": tflops / peak if peak else None,
         "iteration_time": elapsed,
     }
-    return record
 
 
 def _describe(pm, cfg: LoopedModelConfig, args) -> str:

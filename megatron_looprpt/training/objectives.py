@@ -4,6 +4,9 @@ Losses are token sums; megatron-core divides by the global token count in finali
 (``calculate_per_token_loss``), so the gradient is that of the mean token loss over the global
 batch whatever the layout or micro-batching. Metrics travel as (name -> summed tensor) and are
 divided by the token count once they are reduced over micro-batches and data-parallel ranks.
+
+``lm_loss`` is the LM's cross entropy under the exit distribution, whatever is optimised;
+``objective`` is the optimised loss (stage 1 includes -beta H(p), stage 2 is the gate's BCE).
 """
 
 from __future__ import annotations
@@ -12,9 +15,30 @@ from typing import Dict
 
 import torch
 
-from megatron_looprpt.models.exit_gate import exit_distribution, expected_exit_step, q_exit_steps
+from megatron_looprpt.models.exit_gate import exit_log_distribution, expected_exit_step, q_exit_steps
 from megatron_looprpt.models.loss import ExitLossConfig, token_loss
 from megatron_looprpt.models.looped_gpt import LoopedOutput
+
+
+def lm_metric_sums(label_logprobs: torch.Tensor, gate_logits: torch.Tensor, mask: torch.Tensor,
+                   exit_threshold: float) -> Dict[str, torch.Tensor]:
+    """Token sums of the LM's losses: expected CE under the exit distribution, CE at the Q-exit
+    step and at every loop step, and the exit statistics. Shared by every objective."""
+    with torch.no_grad():
+        log_p = exit_log_distribution(gate_logits.float())
+        exit_probs = log_p.exp()
+        ce = -label_logprobs.float()
+        qexit = q_exit_steps(exit_probs, exit_threshold)
+        return {
+            "lm_loss": ((exit_probs * ce).sum(dim=0) * mask).sum(),
+            "qexit_loss": (ce.gather(0, qexit.unsqueeze(0)).squeeze(0) * mask).sum(),
+            "step_ce": (ce * mask).sum(dim=(1, 2)),
+            "exit_step": (expected_exit_step(exit_probs) * mask).sum(),
+            "exit_entropy": (-(exit_probs * log_p).sum(dim=0) * mask).sum(),
+            # Loop steps a token uses at inference with Q-exit at the configured threshold.
+            "qexit_steps": ((qexit + 1).to(mask.dtype) * mask).sum(),
+            "num_tokens": mask.sum(),
+        }
 
 
 def lm_objective(batch: Dict[str, torch.Tensor], output: LoopedOutput, cfg: ExitLossConfig):
@@ -23,15 +47,6 @@ def lm_objective(batch: Dict[str, torch.Tensor], output: LoopedOutput, cfg: Exit
     gate_logits = output.stack("gate_logits")
     mask = batch["loss_mask"].to(label_logprobs.dtype)
     loss_sum = (token_loss(label_logprobs, gate_logits, cfg) * mask).sum()
-    num_tokens = mask.sum().to(torch.int)
-    with torch.no_grad():
-        exit_probs = exit_distribution(gate_logits)
-        metrics = {
-            "lm_loss": loss_sum.detach().clone(),
-            "step_ce": (-label_logprobs * mask).sum(dim=(1, 2)),
-            "exit_step": (expected_exit_step(exit_probs) * mask).sum(),
-            # Loop steps a token uses at inference with Q-exit at the configured threshold.
-            "qexit_steps": ((q_exit_steps(exit_probs, cfg.exit_threshold) + 1).to(mask.dtype) * mask).sum(),
-            "num_tokens": mask.sum(),
-        }
-    return loss_sum, num_tokens, metrics
+    metrics = lm_metric_sums(label_logprobs, gate_logits, mask, cfg.exit_threshold)
+    metrics["objective"] = loss_sum.detach().clone()
+    return loss_sum, mask.sum().to(torch.int), metrics
