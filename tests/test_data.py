@@ -239,3 +239,50 @@ def test_clear_errors(tmp_path, sp_model, prefixes, capsys):
         _load_tool("train_tokenizer").main(
             ["--input", str(tmp_path / "absent.txt"), "--output-prefix", str(tmp_path / "t")])
     assert "--input" in capsys.readouterr().err
+
+
+def test_prompt_completion_documents_train_on_the_completion_only(tmp_path):
+    """A loss mask written beside the tokens (preprocess --prompt-key) reaches each sample's
+    loss_mask through megatron's own sample mapping: 1 exactly where the label is a completion
+    token (or the eod after it), whatever document boundaries a sample crosses."""
+    rng = numpy.random.default_rng(0)
+    with open(tmp_path / "pc.jsonl", "w") as f:
+        for _ in range(300):
+            # prompt ids 1-5, completion ids 6-14: the label alone tells which part it is
+            prompt = " ".join(map(str, rng.integers(1, 6, rng.integers(1, 6))))
+            completion = " ".join(map(str, rng.integers(6, 15, rng.integers(1, 4))))
+            f.write(json.dumps({"prompt": prompt, "completion": completion}) + "\n")
+    tool = _load_tool("preprocess_data")
+    tool.main(["--input", str(tmp_path / "pc.jsonl"), "--output-prefix", str(tmp_path / "pc"),
+               "--json-keys", "completion", "--prompt-key", "prompt", "--tokenizer-type", "NullTokenizer",
+               "--vocab-size", "16", "--append-eod"])
+    prefix = str(tmp_path / "pc_completion_document")
+    assert os.path.exists(str(tmp_path / "pc_completion_loss_mask.idx"))
+    tok = NullTokenizer(16)
+    train, _, _ = build_datasets(prefix, "1,0,0", 16, 3, tok, (200, 0, 0))
+    counted = 0
+    for i in range(len(train)):
+        item = train[i]
+        expected = (item["labels"] >= 6).float()
+        assert torch.equal(item["loss_mask"], expected), i
+        counted += int(expected.sum())
+    assert 0 < counted < 200 * 16
+
+    # The same documents without a mask count every token.
+    plain = preprocess_jsonl(str(tmp_path / "pc.jsonl"), str(tmp_path / "plain"), "NullTokenizer",
+                             vocab_size=16, json_keys=("completion",))["completion"]
+    item = build_datasets(plain, "1,0,0", 16, 3, tok, (20, 0, 0))[0][0]
+    assert item["loss_mask"].sum() == 16
+
+
+def test_a_loss_mask_of_other_documents_is_refused(tmp_path):
+    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+
+    prefix = str(tmp_path / "x_text_document")
+    for path, docs in ((prefix, [[1, 2, 3], [4, 5]]), (str(tmp_path / "x_text_loss_mask"), [[0, 1], [1, 1, 1]])):
+        builder = IndexedDatasetBuilder(path + ".bin", dtype=DType.optimal_dtype(16))
+        for doc in docs:
+            builder.add_document(doc, [len(doc)])
+        builder.finalize(path + ".idx")
+    with pytest.raises(ValueError, match="loss mask .* other document lengths"):
+        build_datasets(prefix, "1,0,0", 4, 3, NullTokenizer(16), (2, 0, 0))

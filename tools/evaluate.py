@@ -70,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a second checkpoint, evaluated on the same data and difficulty buckets")
     p.add_argument("--tokenizer-model", default=None,
                    help="the tokenizer file, if it moved since the checkpoint was trained")
+    p.add_argument("--task-data", default=None,
+                   help="also score prompt/completion JSONL problems (e.g. the composition task's held-out set): "
+                        "answer accuracy per loop step and per --task-group-key value")
+    p.add_argument("--task-group-key", default="k",
+                   help="the JSONL field the task's accuracy is broken down by (default: k, the hops)")
     p.add_argument("--output-dir", default="evaluation",
                    help="where the JSON report and plots go (default: ./evaluation)")
     return p

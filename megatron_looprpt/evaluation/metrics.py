@@ -137,6 +137,9 @@ def token_sums(
         "sweep_correct": masked_step_sums(at_exit_step(correct, sweep_steps), mask),
         "sweep_steps": masked_step_sums(sweep_steps + 1, mask),
         "exit_correct": (per_bucket * at_exit_step(correct, default_steps)).sum(dim=(1, 2)),
+        "exit_nll": (per_bucket * at_exit_step(nll, default_steps)).sum(dim=(1, 2)),
+        # the LM's loss: the expected NLL under the exit distribution
+        "expected_nll": ((exit_probs.float() * nll).sum(dim=0) * mask).sum().reshape(1),
         "exit_steps": (per_bucket * (default_steps + 1)).sum(dim=(1, 2)),
         "exit_expected_step": (per_bucket * expected_exit_step(exit_probs).float()).sum(dim=(1, 2)),
     }
@@ -233,14 +236,19 @@ def summarize(totals: Mapping[str, torch.Tensor], spec: MetricSpec) -> dict:
     candidates = _distinct_points(sweep, per_step)
     frontier = [candidates[i] for i in pareto_frontier([(c["avg_steps"], c["accuracy"]) for c in candidates])]
 
+    lm_loss = _ratio(t["expected_nll"].sum(), tokens)
     return {
         "num_tokens": int(tokens),
+        # expected NLL under the exit distribution, as training's lm_loss (and its ppl)
+        "lm_loss": lm_loss,
+        "ppl": None if lm_loss is None else math.exp(min(lm_loss, 50.0)),
         "buckets": buckets,
         "per_step": per_step,
         "q_exit": {
             "q": spec.default_threshold,
             "avg_steps": _ratio(t["exit_steps"].sum(), tokens),
             "accuracy": _ratio(t["exit_correct"].sum(), tokens),
+            "nll": _ratio(t["exit_nll"].sum(), tokens),
             "expected_exit_step": _ratio(t["exit_expected_step"].sum(), tokens),
         },
         "q_sweep": sweep,

@@ -161,6 +161,18 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _format_task(task: dict) -> List[str]:
+    steps = len(task["all"]["per_step"])
+    lines = ["", f"   task {task['task_data']}: answer accuracy per loop step by {task['group_key']}",
+             f"   {task['group_key']:>8} {'problems':>8} | " + " ".join(f"{'step ' + str(t + 1):>7}" for t in range(steps))
+             + f" | {'Q-exit':>7} {'steps':>5}"]
+    for entry in task["groups"] + [{"group": "all", **task["all"]}]:
+        lines.append(f"   {entry['group']:>8} {entry['problems']:>8} | "
+                     + " ".join(f"{s['accuracy']:>7.4f}" for s in entry["per_step"])
+                     + f" | {entry['q_exit']['accuracy']:>7.4f} {entry['q_exit']['avg_steps']:>5.2f}")
+    return lines
+
+
 def _format_model(model: dict) -> str:
     buckets = model["buckets"]
     lines = [
@@ -168,6 +180,8 @@ def _format_model(model: dict) -> str:
         f"   {model['num_layers']} layers x {model['loop_steps']} loop steps, hidden {model['hidden_size']}"
         f"{'' if model['rl_algo'] == 'none' else ', ' + model['rl_algo']}; "
         f"{model['num_tokens']} tokens; reference: {model['reference']['description']}",
+        f"   lm loss {_fmt(model['lm_loss'])} (ppl {_fmt(model['ppl'], '.2f')}): the expected NLL under "
+        f"the exit distribution; NLL at Q-exit (q={model['q_exit']['q']:g}) {_fmt(model['q_exit']['nll'])}",
         "   buckets: " + ", ".join(
             f"{b} {buckets[b]['tokens']} ({100 * (buckets[b]['fraction'] or 0):.1f}%, "
             f"mean H {_fmt(buckets[b]['mean_reference_entropy'], '.2f')})" for b in BUCKETS),
@@ -196,4 +210,6 @@ def _format_model(model: dict) -> str:
         "   Pareto frontier: " + ", ".join(
             f"{p['label']} ({p['avg_steps']:.2f}, {p['accuracy']:.4f})" for p in model["pareto_frontier"]),
     ]
+    if "task" in model:
+        lines += _format_task(model["task"])
     return "\n".join(lines)

@@ -46,7 +46,7 @@ from megatron_looprpt.data.datasets import (
     validate_data_prefixes,
 )
 from megatron_looprpt.data.tokenizers import build_tokenizer, model_vocab_size
-from megatron_looprpt.evaluation import metrics
+from megatron_looprpt.evaluation import metrics, task as task_metrics
 from megatron_looprpt.models.builder import LoopedModelConfig
 from megatron_looprpt.models.looped_gpt import HeadRequest
 from megatron_looprpt.training import checkpointing
@@ -85,6 +85,9 @@ class EvalConfig:
     reference: Optional[str] = None
     compare: Optional[str] = None
     tokenizer_model: Optional[str] = None
+    # prompt/completion JSONL scored per loop step and per group (evaluation/task.py)
+    task_data: Optional[str] = None
+    task_group_key: str = "k"
 
 
 @dataclass
@@ -121,6 +124,9 @@ def check_config(cfg: EvalConfig) -> None:
     if t1 > t2:
         raise ConfigError(f"--difficulty-thresholds {t1} {t2}: the first (easy/medium) must not "
                           "exceed the second (medium/hard)")
+    if cfg.task_data is not None and not os.path.isfile(cfg.task_data):
+        raise ConfigError(f"--task-data {cfg.task_data} does not exist (prompt/completion JSONL, e.g. "
+                          "composition_heldout.jsonl from data/composition.py)")
     if cfg.difficulty_quantiles is not None:
         q1, q2 = cfg.difficulty_quantiles
         if not 0.0 <= q1 <= q2 <= 1.0:
@@ -368,6 +374,24 @@ def evaluate_batch(pm, batches, spec: metrics.MetricSpec,
     return sums, objective.used
 
 
+def evaluate_task(pm, problems: "task_metrics.TaskSet", args: argparse.Namespace, device: torch.device) -> dict:
+    """Answer accuracy on ``problems`` per loop step and group (``evaluation/task.py``)."""
+    rows = task_metrics.pack_rows(problems, args.seq_length, build_tokenizer(**_tokenizer_fields(args)).eod)
+    head = HeadRequest(label_logprobs=True, predictions=True, recompute=False)
+
+    def objective(batch, output):
+        sums = task_metrics.task_sums(batch, output.stack("predictions"), output.stack("label_logprobs"),
+                                      output.stack("gate_logits"), len(problems.groups), args.exit_threshold)
+        loss, num_tokens, _ = _no_loss(output)
+        return loss, num_tokens, sums
+
+    totals = None
+    for batches in task_metrics.global_batches(rows, args.seq_length, args.micro_batch_size,
+                                               args.num_microbatches, device):
+        totals = metrics.add_sums(totals, eval_step(pm, batches, make_forward_step(objective, head)))
+    return task_metrics.summarize_task(totals, problems, pm.model.loop_steps, args.exit_threshold)
+
+
 # ---------------------------------------------------------------------------------------------
 # the whole evaluation
 
@@ -424,6 +448,7 @@ def run_evaluation(cfg: EvalConfig) -> dict:
     device = parallel.initialize(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
                                  args.seed)
     tokenizer = build_tokenizer(**_tokenizer_fields(args))
+    problems = None if cfg.task_data is None else task_metrics.read_task(cfg.task_data, tokenizer, cfg.task_group_key)
     dataset = _eval_dataset(args, tokenizer, cfg.split_name, num_batches * args.global_batch_size)
     models = {role: _load_model(ckpt) for role, ckpt in checkpoints.items()}
     roles = [role for role in ("load", "compare") if role in models]
@@ -450,6 +475,9 @@ def run_evaluation(cfg: EvalConfig) -> dict:
 
     reference = _reference_description(checkpoints)
     summaries = {role: metrics.summarize(totals[role], specs[role]) for role in roles}
+    if problems is not None:
+        for role in roles:
+            summaries[role]["task"] = evaluate_task(models[role], problems, checkpoints[role].args, device)
     return {
         "schema": SCHEMA,
         "data": {
@@ -463,6 +491,7 @@ def run_evaluation(cfg: EvalConfig) -> dict:
             "data_parallel_size": args.data_parallel_size,
             "sequence_parallel": bool(args.sequence_parallel),
         },
+        "task_data": cfg.task_data,
         "difficulty": _describe_difficulty(thresholds, cfg.difficulty_quantiles, summaries["load"]),
         "exit_thresholds": list(cfg.exit_thresholds),
         "models": [{**_describe_model(checkpoints[role], role, reference), **summaries[role]} for role in roles],
