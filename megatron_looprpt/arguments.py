@@ -26,6 +26,10 @@ from typing import List, Optional, Sequence
 from megatron_looprpt.presets import PRESETS, ModelShape
 
 
+# The vocabulary of a --mock-data run that names no tokenizer.
+MOCK_VOCAB_SIZE = 4096
+
+
 class ConfigError(Exception):
     """An invalid or inconsistent argument; the message is one line naming the flag."""
 
@@ -133,7 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mock-data", action="store_true",
                    help="synthetic data (megatron's MockGPTDataset) instead of --data-path")
     g.add_argument("--tokenizer-type", choices=["SentencePieceTokenizer", "HuggingFaceTokenizer", "NullTokenizer"],
-                   default="SentencePieceTokenizer")
+                   default=None,
+                   help="default: SentencePieceTokenizer; with --mock-data and no tokenizer flags, "
+                        f"NullTokenizer with --vocab-size {MOCK_VOCAB_SIZE}")
     g.add_argument("--tokenizer-model", default=None, help="SentencePiece .model or tokenizer.json")
     g.add_argument("--vocab-size", type=int, default=None,
                    help="NullTokenizer vocabulary; with a real tokenizer, the model vocabulary when larger "
@@ -219,6 +225,18 @@ _REQUIRED_SHAPE = ("num_layers", "hidden_size", "num_attention_heads", "seq_leng
 # Defaults of the preset-able flags when no preset is used (ModelShape's own defaults).
 _SHAPE_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelShape)
                    if f.default is not dataclasses.MISSING and f.name != "vocab_size"}
+
+
+def resolve_tokenizer(args: argparse.Namespace) -> bool:
+    """--tokenizer-type when not given: synthetic data needs no tokenizer file, so a --mock-data
+    run that names no tokenizer uses the null tokenizer; everything else defaults to
+    SentencePiece. True when the null tokenizer was chosen here (its vocabulary is then the
+    preset's, else MOCK_VOCAB_SIZE, unless --vocab-size gives one)."""
+    if args.tokenizer_type is not None:
+        return False
+    implied = args.mock_data and args.tokenizer_model is None
+    args.tokenizer_type = "NullTokenizer" if implied else "SentencePieceTokenizer"
+    return implied
 
 
 def apply_preset(args: argparse.Namespace) -> None:
@@ -526,7 +544,10 @@ def parse_args(argv: Optional[Sequence[str]] = None, world_size: Optional[int] =
     """Parse ``argv`` (default: sys.argv[1:]), apply the preset, validate and fill derived values.
     ``world_size`` defaults to $WORLD_SIZE (set by torchrun), else 1."""
     args = build_parser().parse_args(argv)
+    implied_null_tokenizer = resolve_tokenizer(args)
     apply_preset(args)
+    if implied_null_tokenizer and args.vocab_size is None:
+        args.vocab_size = MOCK_VOCAB_SIZE
     if world_size is None:
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
     validate_args(args, world_size)

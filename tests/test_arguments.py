@@ -319,3 +319,15 @@ def test_cli_reports_one_line_and_exit_code_2_without_heavy_imports():
     lines = [line for line in result.stderr.splitlines() if "error" in line]
     assert len(lines) == 1 and "--num-layers 3" in lines[0] and "--pipeline-model-parallel-size 2" in lines[0]
     assert result.stdout.strip() == "[]"
+
+
+def test_mock_data_without_tokenizer_flags_uses_the_null_tokenizer():
+    from megatron_looprpt.arguments import MOCK_VOCAB_SIZE
+
+    args = parse_args(["--mock-data"])
+    assert (args.tokenizer_type, args.vocab_size) == ("NullTokenizer", MOCK_VOCAB_SIZE)
+    assert parse_args(["--mock-data", "--vocab-size", "300"]).vocab_size == 300
+    assert parse_args(["--mock-data", "--model-size", "ouro-1.4b"]).vocab_size == 49152   # the preset's
+    # Megatron's way keeps working, and a run naming a tokenizer file gets no null tokenizer
+    assert parse_args(MOCK).vocab_size == 512
+    assert "SentencePieceTokenizer needs --tokenizer-model" in error_of(["--data-path", "x"])

@@ -416,3 +416,18 @@ def test_a_failed_hugging_face_write_leaves_nothing_behind(tmp_path):
     with pytest.raises(ConversionError, match="unreadable"):
         save_hf(source.arch, failing_get, torch.float32, str(tmp_path / "out"), 1 << 30)
     assert sorted(os.listdir(tmp_path)) == ["hf"]      # neither out nor out.tmp-PID
+
+
+def test_an_export_writes_its_dtype_under_every_key_the_source_config_uses():
+    """transformers 4.56 reads "dtype" before "torch_dtype": a bf16 export of a source whose
+    config has both must not keep the source's float32 under one of them."""
+    from megatron_looprpt.conversion.architecture import OuroArchitecture
+
+    both = {**ouro_config(tied=False, loop_steps=4), "dtype": "float32"}
+    config = OuroArchitecture.from_hf_config(both, "config.json").to_hf_config("bfloat16")
+    assert config["torch_dtype"] == config["dtype"] == "bfloat16"
+    # a source with only torch_dtype gets no second key; one with only dtype is read by it
+    assert "dtype" not in OuroArchitecture.from_hf_config(ouro_config(False, 4), "c").to_hf_config("bfloat16")
+    newer = {k: v for k, v in both.items() if k != "torch_dtype"}
+    newer["dtype"] = "bfloat16"
+    assert OuroArchitecture.from_hf_config(newer, "config.json").torch_dtype == "bfloat16"

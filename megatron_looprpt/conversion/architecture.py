@@ -92,7 +92,8 @@ class OuroArchitecture:
             tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
             early_exit_threshold=config.get("early_exit_threshold", 1.0),
             initializer_range=config.get("initializer_range", 0.02),
-            torch_dtype=config.get("torch_dtype", "float32"),
+            # transformers < 4.56 writes torch_dtype, later versions dtype
+            torch_dtype=config.get("torch_dtype") or config.get("dtype") or "float32",
             hf_config=copy.deepcopy(config),
         )
 
@@ -127,6 +128,10 @@ class OuroArchitecture:
             use_cache=config.get("use_cache", True),
             torch_dtype=torch_dtype,
         )
+        # transformers >= 4.56 reads "dtype" before "torch_dtype": a source config that has it must
+        # not keep the source's value beside the export's
+        if "dtype" in config:
+            config["dtype"] = torch_dtype
         return config
 
     # -- megatron_looprpt run arguments -------------------------------------------------------
