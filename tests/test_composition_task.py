@@ -50,7 +50,7 @@ def test_written_files(tmp_path):
     info = write_composition_task(str(tmp_path), CompositionTask(max_hops=2), num_train=50, heldout_per_k=10)
     with open(info["train_path"]) as f:
         records = [json.loads(line) for line in f]
-    assert len(records) == 50 and set(records[0]) == {"prompt", "completion", "k"}
+    assert len(records) == 50 and set(records[0]) == {"prompt", "completion", "k", "text"}
     assert info["num_heldout"] == 20
 
 

@@ -286,3 +286,13 @@ def test_a_loss_mask_of_other_documents_is_refused(tmp_path):
         builder.finalize(path + ".idx")
     with pytest.raises(ValueError, match="loss mask .* other document lengths"):
         build_datasets(prefix, "1,0,0", 4, 3, NullTokenizer(16), (2, 0, 0))
+
+
+def test_prompt_completion_ids_are_the_joint_texts(sp_model):
+    from megatron_looprpt.data.datasets import prompt_completion_ids
+
+    tok = build_tokenizer("SentencePieceTokenizer", sp_model)
+    prompt, completion = prompt_completion_ids(tok, "Question: what is 3 + 4? Answer:", " 7 apples")
+    assert prompt + completion == tok.tokenize("Question: what is 3 + 4? Answer: 7 apples")
+    # tokenized alone, SentencePiece would start the completion with an extra word boundary
+    assert tok.tokenize(" 7 apples") != completion

@@ -82,11 +82,10 @@ def answer(tables: List[List[int]], entity: int, hops: Tuple[int, ...]) -> int:
 
 def _problem(task: CompositionTask, tables, entity: int, hops: Tuple[int, ...]) -> Dict:
     entities, relations = task.entities, task.relations
-    return {
-        "prompt": " ".join([entities[entity], *(relations[r] for r in hops), "="]),
-        "completion": " " + entities[answer(tables, entity, hops)],
-        "k": len(hops),
-    }
+    prompt = " ".join([entities[entity], *(relations[r] for r in hops), "="])
+    completion = " " + entities[answer(tables, entity, hops)]
+    # "text": the whole problem, for training a tokenizer on the task's words
+    return {"prompt": prompt, "completion": completion, "k": len(hops), "text": prompt + completion}
 
 
 def training_problems(task: CompositionTask, count: int, seed: int) -> Iterator[Dict]:

@@ -38,6 +38,18 @@ _worker_encoder: Optional["_Encoder"] = None
 Encoded = Tuple[List[int], Optional[List[int]]]
 
 
+def prompt_completion_ids(tokenizer: Tokenizer, prompt: str, completion: str) -> Tuple[List[int], List[int]]:
+    """The ids of prompt + completion as one text, split where the prompt's own ids end; when
+    the tokenizer merges across the boundary, the two tokenized apart. (Tokenizing the
+    completion alone would differ by tokenizer: SentencePiece starts every text with a word
+    boundary, byte-level BPE does not.)"""
+    prompt_ids = tokenizer.tokenize(prompt)
+    joint = tokenizer.tokenize(prompt + completion)
+    if joint[: len(prompt_ids)] == prompt_ids:
+        return prompt_ids, joint[len(prompt_ids):]
+    return prompt_ids, tokenizer.tokenize(completion)
+
+
 class _Encoder:
     """Tokenizes one ``{key: text}`` record into ``{key: (ids, mask)}`` (eod appended if asked).
 
@@ -52,14 +64,16 @@ class _Encoder:
 
     def __call__(self, record: Dict[str, str]) -> Tuple[Dict[str, Encoded], int]:
         encoded, num_bytes = {}, 0
-        prompt = []
         if self.prompt_key is not None:
-            prompt = self.tokenizer.tokenize(record[self.prompt_key])
             num_bytes += len(record[self.prompt_key].encode("utf-8"))
         for key, text in record.items():
             if key == self.prompt_key:
                 continue
-            ids = self.tokenizer.tokenize(text)
+            prompt = []
+            if self.prompt_key is None:
+                ids = self.tokenizer.tokenize(text)
+            else:
+                prompt, ids = prompt_completion_ids(self.tokenizer, record[self.prompt_key], text)
             if self.append_eod and ids:
                 ids.append(self.tokenizer.eod)
             mask = None if self.prompt_key is None else [0] * len(prompt) + [1] * len(ids)

@@ -20,6 +20,7 @@ import torch
 from megatron.core import parallel_state
 
 from megatron_looprpt.arguments import ConfigError
+from megatron_looprpt.data.datasets import prompt_completion_ids
 from megatron_looprpt.models.exit_gate import exit_distribution, q_exit_steps
 
 
@@ -70,10 +71,11 @@ def read_task(path: str, tokenizer, group_key: str = "k") -> TaskSet:
     index = {group: i for i, group in enumerate(groups)}
     problems = []
     for prompt, completion, group in records:
-        answer = tokenizer.tokenize(completion)
+        # as preprocess_jsonl(prompt_key=...) wrote the training documents
+        prompt_ids, answer = prompt_completion_ids(tokenizer, prompt, completion)
         if not answer:
             raise ConfigError(f"--task-data {path}: the completion {completion!r} tokenizes to nothing")
-        problems.append(TaskProblem(tokenizer.tokenize(prompt), answer, index[group]))
+        problems.append(TaskProblem(prompt_ids, answer, index[group]))
     return TaskSet(problems, groups, group_key, path)
 
 
