@@ -21,6 +21,8 @@ setup(
         "wandb": ["wandb"],
         "tensorboard": ["tensorboard"],
         "plots": ["matplotlib"],
-        "test": ["pytest>=7", "pytest-timeout"],
+        "rl": ["math-verify>=0.7"],
+        # math-verify: the test suite checks both answer verifiers on the same cases
+        "test": ["pytest>=7", "pytest-timeout", "math-verify>=0.7"],
     },
 )

@@ -207,6 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--grpo-epochs", type=int, default=1,
                    help="optimizer steps on each batch of rollouts (PPO epochs), at the iteration's learning rate")
     g.add_argument("--grpo-kl-coef", type=float, default=0.01, help="weight of the k3 KL to the frozen reference")
+    g.add_argument("--answer-verifier", choices=["builtin", "math-verify"], default="builtin",
+                   help="grpo / rltt: how a final answer is judged: builtin (dependency-free) or Hugging Face's "
+                        "math-verify (pip install -e .[rl])")
     g.add_argument("--rltt-weights", default=None,
                    help="RLTT's loop-step weights of the log-probability: uniform (default), progressive or w1,...,wT")
     g.add_argument("--rpt-horizon", type=int, default=4,
@@ -403,6 +406,12 @@ def _validate_token_rl(args) -> None:
     _require(args.rltt_weights is None or args.rl_algo == "rltt",
              f"--rltt-weights applies to --rl-algo rltt (--rl-algo {args.rl_algo} reads the last loop step)")
     _require(args.rpt_instruction is None or args.rl_algo == "rpt", "--rpt-instruction applies to --rl-algo rpt")
+    _require(args.answer_verifier == "builtin" or args.rl_algo != "rpt",
+             "--answer-verifier applies to --rl-algo grpo and rltt (rpt rewards a predicted continuation)")
+    if args.answer_verifier == "math-verify":
+        _require(importlib.util.find_spec("math_verify") is not None,
+                 "--answer-verifier math-verify: the math-verify package is not installed "
+                 "(pip install -e .[rl], or use --answer-verifier builtin)")
     if args.rl_algo == "rpt":
         _require(args.rpt_horizon >= 1 and args.rpt_min_context >= 1 and
                  args.rpt_min_context + args.rpt_horizon < args.seq_length,

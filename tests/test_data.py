@@ -241,23 +241,26 @@ def test_clear_errors(tmp_path, sp_model, prefixes, capsys):
     assert "--input" in capsys.readouterr().err
 
 
-def test_prompt_completion_documents_train_on_the_completion_only(tmp_path):
-    """A loss mask written beside the tokens (preprocess --prompt-key) reaches each sample's
-    loss_mask through megatron's own sample mapping: 1 exactly where the label is a completion
-    token (or the eod after it), whatever document boundaries a sample crosses."""
+def test_documents_of_segments_train_on_their_trained_segments_only(tmp_path):
+    """A loss mask written beside the tokens (preprocess --segments) reaches each sample's
+    loss_mask through megatron's own sample mapping: 1 exactly where the label is a token of a
+    trained segment (or the eod after the document), whatever document boundaries a sample
+    crosses."""
     rng = numpy.random.default_rng(0)
     with open(tmp_path / "pc.jsonl", "w") as f:
         for _ in range(300):
-            # prompt ids 1-5, completion ids 6-14: the label alone tells which part it is
-            prompt = " ".join(map(str, rng.integers(1, 6, rng.integers(1, 6))))
-            completion = " ".join(map(str, rng.integers(6, 15, rng.integers(1, 4))))
-            f.write(json.dumps({"prompt": prompt, "completion": completion}) + "\n")
+            # context ids 1-5, trained ids 6-14: the label alone tells which part it is
+            segments = []
+            for _ in range(rng.integers(1, 4)):
+                segments.append(" ".join(map(str, rng.integers(1, 6, rng.integers(1, 6)))) + " ")
+                segments.append(" ".join(map(str, rng.integers(6, 15, rng.integers(1, 4)))) + " ")
+            f.write(json.dumps({"segments": segments}) + "\n")
     tool = _load_tool("preprocess_data")
     tool.main(["--input", str(tmp_path / "pc.jsonl"), "--output-prefix", str(tmp_path / "pc"),
-               "--json-keys", "completion", "--prompt-key", "prompt", "--tokenizer-type", "NullTokenizer",
+               "--json-keys", "segments", "--segments", "--tokenizer-type", "NullTokenizer",
                "--vocab-size", "16", "--append-eod"])
-    prefix = str(tmp_path / "pc_completion_document")
-    assert os.path.exists(str(tmp_path / "pc_completion_loss_mask.idx"))
+    prefix = str(tmp_path / "pc_segments_document")
+    assert os.path.exists(str(tmp_path / "pc_segments_loss_mask.idx"))
     tok = NullTokenizer(16)
     train, _, _ = build_datasets(prefix, "1,0,0", 16, 3, tok, (200, 0, 0))
     counted = 0
@@ -268,9 +271,11 @@ def test_prompt_completion_documents_train_on_the_completion_only(tmp_path):
         counted += int(expected.sum())
     assert 0 < counted < 200 * 16
 
-    # The same documents without a mask count every token.
-    plain = preprocess_jsonl(str(tmp_path / "pc.jsonl"), str(tmp_path / "plain"), "NullTokenizer",
-                             vocab_size=16, json_keys=("completion",))["completion"]
+    # Documents without a mask count every token.
+    with open(tmp_path / "plain.jsonl", "w") as f:
+        f.write(json.dumps({"text": " ".join(map(str, rng.integers(1, 15, 400)))}) + "\n")
+    plain = preprocess_jsonl(str(tmp_path / "plain.jsonl"), str(tmp_path / "plain"), "NullTokenizer",
+                             vocab_size=16)["text"]
     item = build_datasets(plain, "1,0,0", 16, 3, tok, (20, 0, 0))[0][0]
     assert item["loss_mask"].sum() == 16
 
@@ -288,11 +293,14 @@ def test_a_loss_mask_of_other_documents_is_refused(tmp_path):
         build_datasets(prefix, "1,0,0", 4, 3, NullTokenizer(16), (2, 0, 0))
 
 
-def test_prompt_completion_ids_are_the_joint_texts(sp_model):
-    from megatron_looprpt.data.datasets import prompt_completion_ids
+def test_segment_ids_are_the_joint_text(sp_model):
+    from megatron_looprpt.data.datasets import segment_ids
 
     tok = build_tokenizer("SentencePieceTokenizer", sp_model)
-    prompt, completion = prompt_completion_ids(tok, "Question: what is 3 + 4? Answer:", " 7 apples")
-    assert prompt + completion == tok.tokenize("Question: what is 3 + 4? Answer: 7 apples")
-    # tokenized alone, SentencePiece would start the completion with an extra word boundary
-    assert tok.tokenize(" 7 apples") != completion
+    segments = ["Question: what is 3 + 4? Answer:", " 7 apples", ". And 2 + 2?", " 4"]
+    ids, mask = segment_ids(tok, segments)
+    assert ids == tok.tokenize("".join(segments))
+    assert [i for i, m in zip(ids, mask) if m] == ids[len(tok.tokenize(segments[0])):len(tok.tokenize("".join(segments[:2])))] \
+        + ids[len(tok.tokenize("".join(segments[:3]))):]
+    # tokenized alone, SentencePiece would start a segment with an extra word boundary
+    assert tok.tokenize(" 7 apples") != ids[len(tok.tokenize(segments[0])):len(tok.tokenize("".join(segments[:2])))]

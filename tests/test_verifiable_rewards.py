@@ -1,5 +1,6 @@
 """The math verifier and the prompt data of RL with verifiable rewards."""
 
+import importlib.util
 import json
 import random
 
@@ -7,10 +8,9 @@ import pytest
 
 from megatron_looprpt.data.corpus import REASONING_TEMPLATES
 from megatron_looprpt.data.prompts import PromptProblem, generate_problems, read_problems, write_problems
-from megatron_looprpt.rl.verifier import extract_answer, is_correct, parse_number, reward
+from megatron_looprpt.rl.verifier import extract_answer, is_correct, parse_number, reward, reward_function
 
-
-@pytest.mark.parametrize("completion, answer", [
+CORRECT = [
     ("so the total is \\boxed{42}.", "42"),
     ("\\boxed{\\frac{1}{2}} no wait \\boxed{7/2}", "3.5"),
     ("Step 1: 3 * 4 = 12\nAnswer: 12", "12"),
@@ -28,12 +28,8 @@ from megatron_looprpt.rl.verifier import extract_answer, is_correct, parse_numbe
     ("Answer: x = 5", "5"),
     ("Answer: $-5", "-5"),
     ("Answer: $12$", "12"),
-])
-def test_correct_answers(completion, answer):
-    assert is_correct(completion, answer) and reward(completion, answer) == 1.0
-
-
-@pytest.mark.parametrize("completion, answer", [
+]
+WRONG = [
     ("\\boxed{41}", "42"),
     ("Answer: 12\nStep 2: 13", "13"),        # the marked answer wins over a later number
     ("no numbers here", "3"),
@@ -42,9 +38,44 @@ def test_correct_answers(completion, answer):
     ("Answer: 2 boxes, 1 left over", "2"),
     ("Answer: 1,2", "12"),                  # not a thousands separator
     ("Answer: 1,2345", "12345"),
-])
+]
+# Where the backends judge alike the same case differently (see rl/verifier.py): (completion,
+# reference) -> (builtin, math-verify)
+DIFFERENT = {
+    ("\\boxed{\\frac{1}{2}} no wait \\boxed{7/2}", "3.5"): (1.0, 0.0),   # the last box vs the first
+    ("Answer: Grace", "grace"): (1.0, 0.0),                                 # text answers
+    ("Answer: 3 + 4", "7"): (0.0, 1.0),                                     # an expression, evaluated
+    ("Answer: 2 boxes, 1 left over", "2"): (0.0, 1.0),                      # a multi-part answer
+}
+BACKENDS = ["builtin", pytest.param("math-verify", marks=pytest.mark.skipif(
+    importlib.util.find_spec("math_verify") is None, reason="math-verify is not installed (the rl extra)"))]
+
+
+@pytest.mark.parametrize("completion, answer", CORRECT)
+def test_correct_answers(completion, answer):
+    assert is_correct(completion, answer) and reward(completion, answer) == 1.0
+
+
+@pytest.mark.parametrize("completion, answer", WRONG)
 def test_wrong_or_missing_answers(completion, answer):
     assert not is_correct(completion, answer) and reward(completion, answer) == 0.0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_both_verifiers_on_the_same_cases(backend):
+    verify = reward_function(backend)
+    column = VERIFIER_COLUMN[backend]
+    for (completion, answer), expected in DIFFERENT.items():
+        assert verify(completion, answer) == expected[column], (backend, completion, answer)
+    for completion, answer in CORRECT:
+        if (completion, answer) not in DIFFERENT:
+            assert verify(completion, answer) == 1.0, (backend, completion, answer)
+    for completion, answer in WRONG:
+        if (completion, answer) not in DIFFERENT:
+            assert verify(completion, answer) == 0.0, (backend, completion, answer)
+
+
+VERIFIER_COLUMN = {"builtin": 0, "math-verify": 1}
 
 
 def test_answer_extraction_and_number_parsing():

@@ -4,9 +4,10 @@
         --tokenizer-type SentencePieceTokenizer --tokenizer-model data/tokenizer.model \
         --append-eod --workers 2
 
-writes data/text_text_document.bin/.idx (one pair per --json-keys key). With --prompt-key P each
-record's --json-keys fields are completions of its field P: the document is prompt + completion,
-and data/<prefix>_<key>_loss_mask.bin/.idx beside it makes only the completion count in the loss.
+writes data/text_text_document.bin/.idx (one pair per --json-keys key). With --segments every
+--json-keys field is a list of text segments alternating context and trained text, e.g.
+{"text": ["Question: 2 + 3 =", " 5"]}: the document is their concatenation, and
+data/<prefix>_<key>_loss_mask.bin/.idx beside it makes only the trained segments count in the loss.
 """
 
 import argparse
@@ -28,9 +29,9 @@ def main(argv=None) -> None:
     parser.add_argument("--input-format", choices=INPUT_FORMATS, default="jsonl",
                         help="jsonl; text: blank-line-separated documents; lines: one per line")
     parser.add_argument("--json-keys", nargs="+", default=["text"])
-    parser.add_argument("--prompt-key", default=None,
-                        help="jsonl field prepended to each document and left out of the loss "
-                             "(prompt/completion data: only the --json-keys text is trained on)")
+    parser.add_argument("--segments", action="store_true",
+                        help="--json-keys fields are lists of segments alternating context and trained text "
+                             "(prompt/completion data: [prompt, completion]); only trained ones count in the loss")
     parser.add_argument("--output-prefix", required=True)
     parser.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES, required=True)
     parser.add_argument("--tokenizer-model", default=None)
@@ -45,7 +46,7 @@ def main(argv=None) -> None:
             args.input, args.output_prefix, args.tokenizer_type, args.tokenizer_model,
             args.vocab_size, json_keys=args.json_keys, input_format=args.input_format,
             append_eod=args.append_eod, workers=args.workers, chunk_size=args.chunk_size,
-            log_interval=args.log_interval, prompt_key=args.prompt_key,
+            log_interval=args.log_interval, segments=args.segments,
         )
     except (FileNotFoundError, ValueError) as err:
         parser.error(str(err))

@@ -4,8 +4,8 @@
 - ``build_datasets``: megatron-core ``BlendedMegatronDatasetBuilder`` over ``GPTDataset``.
 - ``build_data_iterator``: micro-batches in a resumable, dp-size-independent order.
 
-Prompt/completion documents (``preprocess_jsonl(prompt_key=...)``) count only their completion
-in the loss: beside ``{prefix}_{key}_document`` a second indexed dataset with the same document
+Documents of segments (``preprocess_jsonl(segments=True)``: context and trained text in turn, a
+prompt and its completion for instance) count only their trained segments in the loss: beside ``{prefix}_{key}_document`` a second indexed dataset with the same document
 lengths, ``{prefix}_{key}_loss_mask``, holds 1 for every token whose prediction is trained and 0
 for the prompt's. The token dataset stays a plain megatron dataset; the GPT dataset reads the
 mask where one lies beside the tokens (``loss_mask_prefix``) and multiplies it into
@@ -38,56 +38,71 @@ _worker_encoder: Optional["_Encoder"] = None
 Encoded = Tuple[List[int], Optional[List[int]]]
 
 
-def prompt_completion_ids(tokenizer: Tokenizer, prompt: str, completion: str) -> Tuple[List[int], List[int]]:
-    """The ids of prompt + completion as one text, split where the prompt's own ids end; when
-    the tokenizer merges across the boundary, the two tokenized apart. (Tokenizing the
-    completion alone would differ by tokenizer: SentencePiece starts every text with a word
-    boundary, byte-level BPE does not.)"""
-    prompt_ids = tokenizer.tokenize(prompt)
-    joint = tokenizer.tokenize(prompt + completion)
-    if joint[: len(prompt_ids)] == prompt_ids:
-        return prompt_ids, joint[len(prompt_ids):]
-    return prompt_ids, tokenizer.tokenize(completion)
+def segment_spans(tokenizer: Tokenizer, segments: Sequence[str]) -> Tuple[List[int], List[Tuple[int, int]]]:
+    """Ids of a document given as text segments, and each segment's [start, end) in them. The
+    ids are those of the joined text, split where each segment's prefix ends; where the
+    tokenizer merges across a boundary the segment is tokenized apart. (Tokenizing each segment
+    alone would differ by tokenizer: SentencePiece starts every text with a word boundary,
+    byte-level BPE does not.)"""
+    ids: List[int] = []
+    spans = []
+    text = ""
+    for segment in segments:
+        text += segment
+        joint = tokenizer.tokenize(text)
+        new = joint[len(ids):] if joint[: len(ids)] == ids else tokenizer.tokenize(segment)
+        spans.append((len(ids), len(ids) + len(new)))
+        ids += new
+    return ids, spans
+
+
+def segment_ids(tokenizer: Tokenizer, segments: Sequence[str]) -> Tuple[List[int], List[int]]:
+    """Ids and loss mask of a document of segments alternating context and trained text (the
+    first is context; it may be empty): 1 on the trained segments' tokens."""
+    ids, spans = segment_spans(tokenizer, segments)
+    mask = [0] * len(ids)
+    for start, end in spans[1::2]:
+        mask[start:end] = [1] * (end - start)
+    return ids, mask
 
 
 class _Encoder:
     """Tokenizes one ``{key: text}`` record into ``{key: (ids, mask)}`` (eod appended if asked).
 
-    With ``prompt_key`` each other key is a completion of the record's prompt: its document is
-    the prompt's tokens then the completion's, and its mask is 0 on the prompt and 1 on the
-    completion (and its eod). Without it the mask is None (every token counts)."""
+    With ``segments`` every value is a list of segments alternating context and trained text
+    (``segment_ids``), and the eod counts as trained; otherwise the mask is None (every token
+    counts)."""
 
-    def __init__(self, tokenizer: Tokenizer, append_eod: bool, prompt_key: Optional[str] = None) -> None:
+    def __init__(self, tokenizer: Tokenizer, append_eod: bool, segments: bool = False) -> None:
         self.tokenizer = tokenizer
         self.append_eod = append_eod
-        self.prompt_key = prompt_key
+        self.segments = segments
 
-    def __call__(self, record: Dict[str, str]) -> Tuple[Dict[str, Encoded], int]:
+    def __call__(self, record: Dict[str, Union[str, List[str]]]) -> Tuple[Dict[str, Encoded], int]:
         encoded, num_bytes = {}, 0
-        if self.prompt_key is not None:
-            num_bytes += len(record[self.prompt_key].encode("utf-8"))
-        for key, text in record.items():
-            if key == self.prompt_key:
-                continue
-            prompt = []
-            if self.prompt_key is None:
-                ids = self.tokenizer.tokenize(text)
+        for key, value in record.items():
+            if self.segments:
+                if not isinstance(value, list) or not all(isinstance(part, str) for part in value):
+                    raise ValueError(f"--segments: the --json-keys field {key!r} must be a list of strings "
+                                     "(context, trained text, context, ...)")
+                ids, mask = segment_ids(self.tokenizer, value)
+                num_bytes += sum(len(part.encode("utf-8")) for part in value)
             else:
-                prompt, ids = prompt_completion_ids(self.tokenizer, record[self.prompt_key], text)
+                ids, mask = self.tokenizer.tokenize(value), None
+                num_bytes += len(value.encode("utf-8"))
             if self.append_eod and ids:
-                ids.append(self.tokenizer.eod)
-            mask = None if self.prompt_key is None else [0] * len(prompt) + [1] * len(ids)
-            encoded[key] = (prompt + ids if ids else [], mask)
-            num_bytes += len(text.encode("utf-8"))
+                ids = ids + [self.tokenizer.eod]
+                mask = None if mask is None else mask + [1]
+            encoded[key] = (ids, mask)
         return encoded, num_bytes
 
 
 def _init_worker(tokenizer_type: str, tokenizer_model: Optional[str], vocab_size: Optional[int],
-                 append_eod: bool, prompt_key: Optional[str]) -> None:
+                 append_eod: bool, segments: bool) -> None:
     # Tokenizers wrap native objects, so each worker builds its own rather than unpickling one.
     global _worker_encoder
     _worker_encoder = _Encoder(build_tokenizer(tokenizer_type, tokenizer_model, vocab_size),
-                               append_eod, prompt_key)
+                               append_eod, segments)
 
 
 def _encode_in_worker(record: Dict[str, str]) -> Tuple[Dict[str, Encoded], int]:
@@ -117,14 +132,15 @@ def preprocess_jsonl(
     workers: int = 1,
     chunk_size: int = 64,
     log_interval: int = 10_000,
-    prompt_key: Optional[str] = None,
+    segments: bool = False,
 ) -> Dict[str, str]:
     """Tokenize documents into one indexed dataset per json key; returns ``{key: prefix}``.
 
     Documents that tokenize to nothing are skipped. ``input_format`` is jsonl, text or lines (see
     ``corpus.read_documents``); the plain-text formats have the single key ``text``.
-    ``prompt_key`` (jsonl only): every record's ``json_keys`` are completions of its prompt,
-    trained on alone; their loss masks are written beside them (``loss_mask_prefix``).
+    ``segments`` (jsonl only): every ``json_keys`` field is a list of text segments alternating
+    context and trained text (a prompt and its completion: ``[prompt, completion]``); only the
+    trained ones count in the loss, by the masks written beside the tokens (``loss_mask_prefix``).
     """
     from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
@@ -133,15 +149,11 @@ def preprocess_jsonl(
         if not os.path.isfile(path):
             raise FileNotFoundError(f"--input {path} does not exist")
     keys = list(json_keys) if input_format == "jsonl" else ["text"]
-    if prompt_key is not None:
-        if input_format != "jsonl":
-            raise ValueError("--prompt-key needs --input-format jsonl (a prompt field beside each document)")
-        if prompt_key in keys:
-            raise ValueError(f"--prompt-key {prompt_key} is also in --json-keys: the prompt is not a document")
+    if segments and input_format != "jsonl":
+        raise ValueError("--segments needs --input-format jsonl (lists of segments in JSON fields)")
     tokenizer = build_tokenizer(tokenizer_type, tokenizer_model, vocab_size)
-    read_keys = keys + ([prompt_key] if prompt_key is not None else [])
     records = itertools.chain.from_iterable(
-        read_documents(path, read_keys, input_format) for path in inputs
+        read_documents(path, keys, input_format) for path in inputs
     )
     # Pull the first record before creating outputs so a wrong --json-keys leaves no files.
     first = next(records, None)
@@ -154,18 +166,18 @@ def preprocess_jsonl(
     prefixes = {key: document_prefix(output_prefix, key) for key in keys}
     builders = {key: IndexedDatasetBuilder(p + ".bin", dtype=dtype) for key, p in prefixes.items()}
     mask_builders = {}
-    if prompt_key is not None:
+    if segments:
         mask_builders = {key: IndexedDatasetBuilder(loss_mask_prefix(p) + ".bin", dtype=DType.optimal_dtype(2))
                          for key, p in prefixes.items()}
 
     pool = None
     if workers > 1:
         pool = multiprocessing.Pool(
-            workers, _init_worker, (tokenizer_type, tokenizer_model, vocab_size, append_eod, prompt_key)
+            workers, _init_worker, (tokenizer_type, tokenizer_model, vocab_size, append_eod, segments)
         )
         encoded = pool.imap(_encode_in_worker, records, chunk_size)
     else:
-        encoded = map(_Encoder(tokenizer, append_eod, prompt_key), records)
+        encoded = map(_Encoder(tokenizer, append_eod, segments), records)
 
     start, total_bytes = time.time(), 0
     try:

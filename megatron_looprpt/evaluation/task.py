@@ -1,12 +1,14 @@
-"""Answer accuracy on a prompt/completion task, per loop step and per group (e.g. hops k).
+"""Answer accuracy on a task of trained segments, per loop step and per group (e.g. hops k).
 
-Problems come from JSONL records ``{"prompt": ..., "completion": ..., <group key>: ...}`` (the
-format ``data/composition.py`` writes). They are packed into rows of ``seq_length`` tokens the
-way training packs documents (prompt + completion + eod, one after the other, no problem split
-across rows), so a problem is seen in the context it was trained in. A problem counts as solved
-at loop step t when every completion token is step t's prediction; with Q-exit, when every
-completion token is right at its own exit step. The sums travel through the same pipeline
-schedules and reductions as the other metrics, so every layout gives the same numbers.
+Task data is JSONL of documents in the training format of ``preprocess_jsonl(segments=True)``:
+``{"segments": [context, answer, context, answer, ...], <group key>: [group of each answer]}``
+(a single group value applies to every answer; without the key every answer is in group "all").
+Documents are packed into rows of ``seq_length`` tokens the way training packs them (one after
+another, eod between, none split across rows), so an answer is scored in the context it was
+trained in. An answer counts as right at loop step t when every one of its tokens is step t's
+prediction; with Q-exit, when every token is right at its own exit step. The sums travel through
+the same pipeline schedules and reductions as the other metrics, so every layout gives the same
+numbers.
 """
 
 from __future__ import annotations
@@ -20,20 +22,19 @@ import torch
 from megatron.core import parallel_state
 
 from megatron_looprpt.arguments import ConfigError
-from megatron_looprpt.data.datasets import prompt_completion_ids
+from megatron_looprpt.data.datasets import segment_spans
 from megatron_looprpt.models.exit_gate import exit_distribution, q_exit_steps
 
 
 @dataclass
-class TaskProblem:
-    prompt: List[int]
-    answer: List[int]
-    group: int          # index into TaskSet.groups
+class TaskDocument:
+    ids: List[int]
+    answers: List[tuple]   # (token positions, group index) of each trained segment
 
 
 @dataclass
 class TaskSet:
-    problems: List[TaskProblem]
+    documents: List[TaskDocument]
     groups: List[str]   # the group values, sorted (numerically where they are numbers)
     group_key: str
     path: str
@@ -46,59 +47,71 @@ def _sort_key(value: str):
         return (1, 0.0, value)
 
 
-def read_task(path: str, tokenizer, group_key: str = "k") -> TaskSet:
-    """Tokenize every problem of ``path``; a record without ``group_key`` is in group "all"."""
-    if not os.path.isfile(path):
-        raise ConfigError(f"--task-data {path} does not exist (write one with data/composition.py, "
-                          "or give prompt/completion JSONL)")
+def _read_records(path: str, group_key: str) -> List[tuple]:
     records = []
     with open(path, encoding="utf-8") as f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
                 continue
+            where = f"--task-data {path}:{line_no}"
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
-                raise ConfigError(f"--task-data {path}:{line_no} is not JSON ({error.msg})") from None
-            missing = [key for key in ("prompt", "completion") if key not in record]
-            if missing:
-                raise ConfigError(f"--task-data {path}:{line_no} has no {missing[0]!r} field "
-                                  "(records are {\"prompt\": ..., \"completion\": ...})")
-            records.append((record["prompt"], record["completion"], str(record.get(group_key, "all"))))
+                raise ConfigError(f"{where} is not JSON ({error.msg})") from None
+            segments = record.get("segments")
+            if not isinstance(segments, list) or len(segments) < 2 or not all(isinstance(s, str) for s in segments):
+                raise ConfigError(f"{where} needs a \"segments\" list of strings: context, answer, context, "
+                                  "answer, ...")
+            num_answers = len(segments) // 2
+            groups = record.get(group_key, "all")
+            groups = [str(g) for g in groups] if isinstance(groups, list) else [str(groups)] * num_answers
+            if len(groups) != num_answers:
+                raise ConfigError(f"{where}: {len(groups)} {group_key!r} values for {num_answers} answers")
+            records.append((segments, groups))
+    return records
+
+
+def read_task(path: str, tokenizer, group_key: str = "k") -> TaskSet:
+    """Tokenize every document of ``path`` as training does (``data.datasets.segment_spans``)."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"--task-data {path} does not exist (write one with data/composition.py)")
+    records = _read_records(path, group_key)
     if not records:
-        raise ConfigError(f"--task-data {path} holds no problems")
-    groups = sorted({group for _, _, group in records}, key=_sort_key)
+        raise ConfigError(f"--task-data {path} holds no documents")
+    groups = sorted({g for _, record_groups in records for g in record_groups}, key=_sort_key)
     index = {group: i for i, group in enumerate(groups)}
-    problems = []
-    for prompt, completion, group in records:
-        # as preprocess_jsonl(prompt_key=...) wrote the training documents
-        prompt_ids, answer = prompt_completion_ids(tokenizer, prompt, completion)
-        if not answer:
-            raise ConfigError(f"--task-data {path}: the completion {completion!r} tokenizes to nothing")
-        problems.append(TaskProblem(prompt_ids, answer, index[group]))
-    return TaskSet(problems, groups, group_key, path)
+    documents = []
+    for segments, record_groups in records:
+        ids, spans = segment_spans(tokenizer, segments)
+        answers = []
+        for (start, end), group in zip(spans[1::2], record_groups):
+            if start == end or start == 0:
+                raise ConfigError(f"--task-data {path}: an answer in {segments!r} "
+                                  + ("tokenizes to nothing" if start == end else "has no context before it"))
+            answers.append((list(range(start, end)), index[group]))
+        documents.append(TaskDocument(ids, answers))
+    return TaskSet(documents, groups, group_key, path)
 
 
 @dataclass
 class PackedRow:
     tokens: List[int]                 # seq_length + 1 ids (input and shifted labels)
-    answers: List[tuple]              # (label positions, group) per problem in the row
+    answers: List[tuple]              # (label positions, group) per answer in the row
 
 
 def pack_rows(task: TaskSet, seq_length: int, eod: int) -> List[PackedRow]:
     rows, tokens, answers = [], [], []
-    for problem in task.problems:
-        document = problem.prompt + problem.answer + [eod]
-        if len(document) > seq_length + 1:
-            raise ConfigError(f"--task-data {task.path}: a problem of {len(document)} tokens does not fit "
+    for document in task.documents:
+        ids = document.ids + [eod]
+        if len(ids) > seq_length + 1:
+            raise ConfigError(f"--task-data {task.path}: a document of {len(ids)} tokens does not fit "
                               f"--seq-length {seq_length}")
-        if len(tokens) + len(document) > seq_length + 1:
+        if len(tokens) + len(ids) > seq_length + 1:
             rows.append(PackedRow(tokens + [eod] * (seq_length + 1 - len(tokens)), answers))
             tokens, answers = [], []
-        first = len(tokens) + len(problem.prompt)
-        # the label at position i is token i + 1, so answer token j is the label at j - 1
-        answers.append((list(range(first - 1, first - 1 + len(problem.answer))), problem.group))
-        tokens = tokens + document
+        # the label at position i is token i + 1: token j of the answer is the label at j - 1
+        answers += [([len(tokens) + j - 1 for j in positions], group) for positions, group in document.answers]
+        tokens = tokens + ids
     rows.append(PackedRow(tokens + [eod] * (seq_length + 1 - len(tokens)), answers))
     return rows
 
@@ -184,7 +197,7 @@ def task_sums(batch: Dict[str, torch.Tensor], predictions: torch.Tensor, label_l
     one_hot = torch.nn.functional.one_hot(group_of.clamp_min(0), num_groups).float()
     one_hot = one_hot * (group_of >= 0).float().unsqueeze(1)                                  # [P, G]
     return {
-        "task_problems": one_hot.sum(dim=0),
+        "task_answers": one_hot.sum(dim=0),
         "task_solved": one_hot.t() @ solved,
         "task_nll": one_hot.t() @ problem_nll,
         "task_exit_solved": one_hot.t() @ exit_solved,
@@ -195,7 +208,7 @@ def task_sums(batch: Dict[str, torch.Tensor], predictions: torch.Tensor, label_l
 
 def summarize_task(totals: Dict[str, torch.Tensor], task: TaskSet, num_steps: int, exit_threshold: float) -> dict:
     """Accuracies per group and step (and over every problem) from reduced sums."""
-    problems = totals["task_problems"].double().reshape(-1)
+    problems = totals["task_answers"].double().reshape(-1)
     solved = totals["task_solved"].double().reshape(len(task.groups), num_steps)
     nll = totals["task_nll"].double().reshape(len(task.groups), num_steps)
     exit_solved = totals["task_exit_solved"].double().reshape(-1)
@@ -204,7 +217,7 @@ def summarize_task(totals: Dict[str, torch.Tensor], task: TaskSet, num_steps: in
     def entry(count, solved_t, nll_t, exit_ok, steps) -> dict:
         count = float(count)
         return {
-            "problems": int(count),
+            "answers": int(count),
             "per_step": [{"step": t + 1, "accuracy": float(solved_t[t]) / count, "nll": float(nll_t[t]) / count}
                          for t in range(num_steps)],
             "q_exit": {"q": exit_threshold, "accuracy": float(exit_ok) / count, "avg_steps": float(steps) / count},

@@ -8,13 +8,20 @@ last number. Two answers match when both parse as numbers and are equal, or othe
 normalised text is equal. Numbers may carry thousands separators in groups of three ("1,250";
 "1,2" is not a number), a $ before or after the sign, a trailing unit word or %, a fraction a/b
 or LaTeX's \frac{a}{b}, math delimiters ($...$) and a "x =" in front.
+
+``--answer-verifier math-verify`` uses Hugging Face's math-verify instead (the ``rl`` extra),
+the maintained verifier of open RL stacks: it parses both answers to sympy and compares them
+symbolically. The two differ on purpose in what they accept (tests/test_verifiable_rewards.py
+lists the cases): math-verify evaluates expressions ("Answer: 3 + 4" is 7), takes the first of
+several boxes, reads "2 boxes, 1 left over" as 2 and does not compare text answers; this
+module refuses expressions and multi-part answers, takes the last box and compares text.
 """
 
 from __future__ import annotations
 
 import re
 from fractions import Fraction
-from typing import Optional
+from typing import Callable, Optional
 
 _SIGN = r"(?:-\$?|\$-?)?"                      # -5, -$5, $-5, $5
 _NUMBER = re.compile(_SIGN + r"(?:\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?(?:/\d+)?|\.\d+)(?![\d,]*\d)")
@@ -86,3 +93,33 @@ def is_correct(completion: str, reference: str) -> bool:
 def reward(completion: str, reference: str) -> float:
     """1.0 for a correct final answer, else 0.0."""
     return 1.0 if is_correct(completion, reference) else 0.0
+
+
+VERIFIERS = ("builtin", "math-verify")
+
+
+def _math_verify():
+    try:
+        import math_verify
+    except ImportError:
+        raise ImportError("--answer-verifier math-verify needs the math-verify package: "
+                          "pip install -e .[rl] (or pip install math-verify)") from None
+    return math_verify
+
+
+def math_verify_reward(completion: str, reference: str) -> float:
+    """math-verify's judgement: 1.0 when the completion's answer equals the reference's."""
+    math_verify = _math_verify()
+    gold, answer = math_verify.parse(reference), math_verify.parse(completion)
+    return 1.0 if gold and answer and math_verify.verify(gold, answer) else 0.0
+
+
+def reward_function(name: str) -> Callable[[str, str], float]:
+    """reward(completion, reference) of a --answer-verifier backend (math-verify imported now,
+    so a missing package fails before any work)."""
+    if name == "builtin":
+        return reward
+    if name == "math-verify":
+        _math_verify()
+        return math_verify_reward
+    raise ValueError(f"--answer-verifier {name}: choose one of {', '.join(VERIFIERS)}")

@@ -15,6 +15,7 @@ from megatron_looprpt.models.builder import LoopedModelConfig
 from megatron_looprpt.rl.grpo import GRPOConfig, grpo_record, grpo_train_step
 from megatron_looprpt.rl.rpt import DEFAULT_INSTRUCTION, RPTConfig, rpt_train_step
 from megatron_looprpt.rl.teacher import EMATeacher
+from megatron_looprpt.rl.verifier import reward_function
 
 
 class TokenRLRun:
@@ -33,6 +34,7 @@ class TokenRLRun:
         else:
             self.problems = (read_problems(args.prompt_data) if args.prompt_data
                              else generate_problems(args.num_generated_prompts, seed=args.seed))
+            self.verify = reward_function(args.answer_verifier)
         self.cfg = GRPOConfig(
             num_samples=args.grpo_num_samples, max_new_tokens=args.max_new_tokens,
             temperature=args.sampling_temperature, top_p=args.sampling_top_p,
@@ -57,7 +59,8 @@ class TokenRLRun:
             problems = [self.problems[(first + i) % len(self.problems)] for i in range(per_rank)]
             metrics = grpo_train_step(self.pm, optimizer, scheduler, self.reference, problems, first,
                                       self.tokenizer, self.vocab_size, self.cfg, args.seq_length,
-                                      args.micro_batch_size, args.global_batch_size)
+                                      args.micro_batch_size, args.global_batch_size,
+                                      reward_fn=lambda text, problem: self.verify(text, problem.answer))
         return {**grpo_record(metrics), "lr": metrics["lr"].item(), "elapsed_s": time.time() - start}
 
     def _sequence(self, index: int) -> dict:
