@@ -87,7 +87,7 @@ def prepare_data(out: str, task: CompositionTask, num_train: int, heldout_per_k:
     info = {"tokenizer": tokenizer, "heldout": os.path.join(data, "composition_heldout.jsonl"),
             "text": document_prefix(os.path.join(data, "text"), "text"),
             "reasoning": document_prefix(os.path.join(data, "reasoning"), "text"),
-            "task": document_prefix(os.path.join(data, "composition"), "completion")}
+            "task": document_prefix(os.path.join(data, "composition"), "segments")}
     if all(os.path.exists(info[name] + ".idx") for name in ("text", "reasoning", "task")):
         return info
     corpus = write_default_corpus(data)
@@ -97,7 +97,7 @@ def prepare_data(out: str, task: CompositionTask, num_train: int, heldout_per_k:
     for name, path in (("text", corpus["text_path"]), ("reasoning", corpus["reasoning_path"])):
         preprocess_jsonl(path, os.path.join(data, name), "SentencePieceTokenizer", tokenizer, append_eod=True)
     preprocess_jsonl(written["train_path"], os.path.join(data, "composition"), "SentencePieceTokenizer", tokenizer,
-                     json_keys=("completion",), prompt_key="prompt", append_eod=True)
+                     json_keys=("segments",), segments=True, append_eod=True, workers=2)
     return info
 
 
@@ -108,7 +108,7 @@ def train_flags(info: dict, arm: Arm, seed: int, iters: int, save_dir: str, weig
         str(weights[2]), info["task"], "--split", "90,10,0",
         "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", info["tokenizer"],
         "--micro-batch-size", "8", "--global-batch-size", "16", "--seed", str(seed),
-        "--train-iters", str(iters), "--lr", "3e-3", "--min-lr", "3e-4", "--lr-warmup-iters", "20",
+        "--train-iters", str(iters), "--lr", "3e-3", "--min-lr", "3e-4", "--lr-warmup-iters", str(min(20, iters // 5)),
         "--lr-decay-style", "cosine", "--weight-decay", "0.1", "--clip-grad", "1.0",
         "--save", save_dir, "--load", save_dir, "--save-interval", str(max(1, iters // 2)),
         "--log-interval", "50", "--no-progress-bar", "--log-json", os.path.join(save_dir, "log.jsonl"), *RECIPE,
@@ -272,7 +272,7 @@ def main(argv=None) -> None:
     cfg = p.parse_args(argv)
     task = CompositionTask(max_hops=cfg.max_hops)
     start = time.time()
-    info = prepare_data(cfg.out, task, num_train=200_000, heldout_per_k=500, vocab_size=cfg.vocab_size)
+    info = prepare_data(cfg.out, task, num_train=20_000, heldout_per_k=100, vocab_size=cfg.vocab_size)
     study = arms(cfg.num_layers, cfg.loop_steps)
     paths = {arm.name: [os.path.join(cfg.out, arm.name, f"seed{s}", "eval", "evaluation.json") for s in cfg.seeds]
              for arm in study}

@@ -1,35 +1,35 @@
 """A knowledge-manipulation task where depth matters: composing memorised relations.
 
 A fixed random world of ``num_entities`` entities and ``num_relations`` relations, each relation
-a random permutation of the entities, is the knowledge. A problem names an entity and k
-relations and asks where applying them in order leads:
+a random permutation of the entities, is the knowledge. A document is a walk through it: a start
+entity, then in turn a few relations and the entity they lead to, which the next relations
+start from:
 
-    prompt "bova tel rin tel ="   completion " kesu"      (k = 3)
+    "liro tel rin kesu mop doba zug tel mop roli ..."      (kesu: k = 2 hops from liro, ...)
 
-Solving it takes k lookups, each depending on the one before: a network with a fixed number of
-layers can only chain so many, which is what looping adds (Ouro's controlled experiments find
-looped models better at manipulating knowledge they store, not at storing more of it). k = 1
-problems state the facts themselves; for k >= 2 a fixed share of the (entity, relations) tuples
-is held out of training, so a model can only answer them by composing what it knows, not by
-recalling the whole chain.
-
-``write_composition_task`` writes the training problems as prompt/completion JSONL for
-``preprocess_jsonl(prompt_key="prompt")`` (the loss counts the answer only) and the held-out
-problems as JSONL with their k for ``tools/evaluate.py --task-data``.
+Only the written entities are trained on (the document's segments alternate context and
+answer, ``preprocess_jsonl(segments=True)``), and each needs k lookups that depend on one
+another: a network with a fixed number of layers can only chain so many per token, which is
+what looping adds (Ouro's controlled experiments find looped models better at manipulating
+knowledge they store, not at storing more). k = 1 answers state the facts; for k >= 2 a fixed
+share of the (entity, relations) tuples never occurs in training, and the held-out documents
+are made of those alone, so a model can only answer them by composing facts, not by recalling
+the chain.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import os
 import random
 import zlib
-from dataclasses import dataclass
-from typing import Dict, Iterator, List, Tuple
+from dataclasses import asdict, dataclass
+from typing import Dict, List, Optional, Tuple
 
-# Pseudo-words: frequent enough in the corpus to become single tokenizer pieces, and without the
-# meanings a real word would bring from the text half of a blend.
+# Pseudo-words: frequent enough in a corpus with the task to become single tokenizer pieces, and
+# without the meanings a real word would bring from the text of a blend.
 _ENTITY_SYLLABLES = ("ba", "ke", "do", "mi", "su", "ro", "va", "li", "ne", "tu", "fo", "ga")
 _RELATION_WORDS = ("tel", "rin", "mop", "zug", "pex", "wal", "fiv", "dob")
 
@@ -40,17 +40,20 @@ class CompositionTask:
     num_relations: int = 4
     max_hops: int = 4
     heldout_share: float = 0.2   # of the (entity, relations) tuples with k >= 2
+    walk_words: int = 60         # words per document
     world_seed: int = 7          # the relations: the same world for training and evaluation
 
     def __post_init__(self):
-        if not 2 <= self.num_entities <= len(_ENTITY_SYLLABLES) ** 2:
-            raise ValueError(f"num_entities must be in [2, {len(_ENTITY_SYLLABLES) ** 2}]")
+        if not 2 <= self.num_entities <= len(_ENTITY_SYLLABLES) * (len(_ENTITY_SYLLABLES) - 1):
+            raise ValueError(f"num_entities must be in [2, {len(_ENTITY_SYLLABLES) * (len(_ENTITY_SYLLABLES) - 1)}]")
         if not 1 <= self.num_relations <= len(_RELATION_WORDS):
             raise ValueError(f"num_relations must be in [1, {len(_RELATION_WORDS)}]")
         if self.max_hops < 1:
             raise ValueError("max_hops must be >= 1")
         if not 0.0 <= self.heldout_share < 1.0:
             raise ValueError("heldout_share must be in [0, 1)")
+        if self.walk_words < self.max_hops + 2:
+            raise ValueError("walk_words must leave room for a start and one segment of max_hops relations")
 
     @property
     def entities(self) -> List[str]:
@@ -70,7 +73,7 @@ class CompositionTask:
         """Deterministic in the tuple, so training and evaluation agree without a list."""
         if len(hops) < 2:
             return False
-        digest = zlib.crc32(bytes([entity, *hops, self.world_seed % 256]))
+        digest = zlib.crc32(bytes([entity % 256, entity // 256, *hops, self.world_seed % 256]))
         return digest % 10_000 < self.heldout_share * 10_000
 
 
@@ -80,52 +83,42 @@ def answer(tables: List[List[int]], entity: int, hops: Tuple[int, ...]) -> int:
     return entity
 
 
-def _problem(task: CompositionTask, tables, entity: int, hops: Tuple[int, ...]) -> Dict:
-    entities, relations = task.entities, task.relations
-    prompt = " ".join([entities[entity], *(relations[r] for r in hops), "="])
-    completion = " " + entities[answer(tables, entity, hops)]
-    # "text": the whole problem, for training a tokenizer on the task's words
-    return {"prompt": prompt, "completion": completion, "k": len(hops), "text": prompt + completion}
+@functools.lru_cache(maxsize=None)
+def heldout_chains(task: CompositionTask, entity: int, hops: int) -> Tuple[Tuple[int, ...], ...]:
+    """The held-out relation chains of ``hops`` relations from ``entity``."""
+    return tuple(chain for chain in itertools.product(range(task.num_relations), repeat=hops)
+                 if task.is_heldout(entity, chain))
 
 
-def training_problems(task: CompositionTask, count: int, seed: int) -> Iterator[Dict]:
-    """``count`` problems, k uniform in [1, max_hops], none of them held out."""
-    rng = random.Random(seed)
-    tables = task.tables()
-    made = 0
-    while made < count:
-        entity = rng.randrange(task.num_entities)
-        hops = tuple(rng.randrange(task.num_relations) for _ in range(rng.randint(1, task.max_hops)))
-        if task.is_heldout(entity, hops):
-            continue
-        yield _problem(task, tables, entity, hops)
-        made += 1
-
-
-def heldout_problems(task: CompositionTask, per_k: int, seed: int) -> List[Dict]:
-    """Up to ``per_k`` distinct problems for every k: for k = 1 the facts (recall), for k >= 2
-    held-out tuples (composition); fewer where fewer exist."""
-    rng = random.Random(seed)
-    tables = task.tables()
-    result = []
-    for k in range(1, task.max_hops + 1):
-        space = task.num_entities * task.num_relations ** k
-        chosen = set()
-        if space <= 20 * per_k:   # small: enumerate every tuple
-            candidates = [(e, tuple(hops)) for e in range(task.num_entities)
-                          for hops in itertools.product(range(task.num_relations), repeat=k)]
-            rng.shuffle(candidates)
-            chosen = [c for c in candidates if k == 1 or task.is_heldout(*c)][:per_k]
-        else:                     # large: draw distinct tuples until enough are held out
-            picked = []
-            while len(picked) < per_k:
-                c = (rng.randrange(task.num_entities), tuple(rng.randrange(task.num_relations) for _ in range(k)))
-                if c not in chosen and task.is_heldout(*c):
-                    chosen.add(c)
-                    picked.append(c)
-            chosen = picked
-        result += [_problem(task, tables, entity, hops) for entity, hops in chosen]
-    return result
+def walk(task: CompositionTask, rng: random.Random, heldout: bool, hops: Optional[int] = None) -> Dict:
+    """One document: ``segments`` (context, answer, context, answer, ...), the k of every answer
+    and the whole ``text``. Training walks (``heldout`` False) never contain a held-out tuple;
+    held-out walks contain nothing else (and only k = ``hops`` segments when given; such a walk
+    ends early at an entity without held-out chains of that length)."""
+    tables, entities, relations = task.tables(), task.entities, task.relations
+    state = rng.randrange(task.num_entities)
+    segments, ks, words = [entities[state]], [], 1
+    while True:
+        k = hops or rng.randint(1, task.max_hops)
+        if words + k + 1 > task.walk_words:
+            break
+        if heldout and k >= 2:
+            choices = heldout_chains(task, state, k)
+            if not choices:
+                break
+            chain = rng.choice(choices)
+        else:
+            chain = tuple(rng.randrange(task.num_relations) for _ in range(k))
+            if task.is_heldout(state, chain):
+                continue
+        state_after = answer(tables, state, chain)
+        segments[-1] += "".join(" " + relations[r] for r in chain)
+        segments += [" " + entities[state_after], ""]
+        ks.append(k)
+        words += k + 1
+        state = state_after
+    segments.pop()   # the empty context after the last answer
+    return {"segments": segments, "k": ks, "text": "".join(segments)}
 
 
 def _write_jsonl(path: str, records) -> int:
@@ -139,12 +132,16 @@ def _write_jsonl(path: str, records) -> int:
 
 def write_composition_task(out_dir: str, task: CompositionTask, num_train: int, heldout_per_k: int,
                            seed: int = 1234) -> Dict[str, object]:
-    """``composition_train.jsonl`` (prompt/completion) and ``composition_heldout.jsonl`` (with k)
-    under ``out_dir``."""
+    """``composition_train.jsonl``: ``num_train`` training walks (k uniform in 1..max_hops);
+    ``composition_heldout.jsonl``: ``heldout_per_k`` walks for every k, each of k-hop segments
+    only (for k >= 2 held-out tuples only); ``composition_task.json``: the task's settings."""
     os.makedirs(out_dir, exist_ok=True)
-    train_path = os.path.join(out_dir, "composition_train.jsonl")
-    heldout_path = os.path.join(out_dir, "composition_heldout.jsonl")
-    _write_jsonl(train_path, training_problems(task, num_train, seed))
-    num_heldout = _write_jsonl(heldout_path, heldout_problems(task, heldout_per_k, seed + 1))
-    return {"train_path": train_path, "heldout_path": heldout_path, "num_train": num_train,
-            "num_heldout": num_heldout}
+    paths = {name: os.path.join(out_dir, f"composition_{name}.jsonl") for name in ("train", "heldout")}
+    rng = random.Random(seed)
+    _write_jsonl(paths["train"], (walk(task, rng, heldout=False) for _ in range(num_train)))
+    heldout_rng = random.Random(seed + 1)
+    _write_jsonl(paths["heldout"], (walk(task, heldout_rng, heldout=True, hops=k)
+                                    for k in range(1, task.max_hops + 1) for _ in range(heldout_per_k)))
+    with open(os.path.join(out_dir, "composition_task.json"), "w") as f:
+        json.dump(asdict(task), f, indent=2)
+    return {"train_path": paths["train"], "heldout_path": paths["heldout"], "num_train": num_train}

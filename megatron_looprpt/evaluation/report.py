@@ -164,10 +164,10 @@ def format_table(report: dict) -> str:
 def _format_task(task: dict) -> List[str]:
     steps = len(task["all"]["per_step"])
     lines = ["", f"   task {task['task_data']}: answer accuracy per loop step by {task['group_key']}",
-             f"   {task['group_key']:>8} {'problems':>8} | " + " ".join(f"{'step ' + str(t + 1):>7}" for t in range(steps))
+             f"   {task['group_key']:>8} {'answers':>8} | " + " ".join(f"{'step ' + str(t + 1):>7}" for t in range(steps))
              + f" | {'Q-exit':>7} {'steps':>5}"]
     for entry in task["groups"] + [{"group": "all", **task["all"]}]:
-        lines.append(f"   {entry['group']:>8} {entry['problems']:>8} | "
+        lines.append(f"   {entry['group']:>8} {entry['answers']:>8} | "
                      + " ".join(f"{s['accuracy']:>7.4f}" for s in entry["per_step"])
                      + f" | {entry['q_exit']['accuracy']:>7.4f} {entry['q_exit']['avg_steps']:>5.2f}")
     return lines
