@@ -117,16 +117,31 @@ def run_quickstart() -> dict:
     return summary
 
 
+def loop_verdict(step_loss: list) -> str:
+    """Whether the loop steps help, from held-out cross entropy per loop step."""
+    if len(step_loss) < 2:
+        return "one loop step: nothing to compare"
+    changes = [b - a for a, b in zip(step_loss, step_loss[1:])]
+    steps = " ".join(f"{x:.3f}" for x in step_loss)
+    if all(change <= 0 for change in changes):
+        return f"the loops help: held-out loss falls with every loop step ({steps})"
+    best = min(range(len(step_loss)), key=step_loss.__getitem__) + 1
+    if best == 1:
+        return f"the loops do not help: loop step 1 has the lowest held-out loss ({steps})"
+    return f"the loops help up to step {best}, after which held-out loss rises ({steps})"
+
+
 def _print_summary(summary: dict, stage1_dir: str, rl_dir: str) -> None:
     train = summary["stage1"]["train"]
     valid = summary["stage1"]["validation"]
     print("\n[quickstart] summary")
-    print(f"  stage 1 ({summary['stage1_seconds']:.0f}s): train loss {train.get('lm_loss', float('nan')):.3f}, "
+    print(f"  stage 1 ({summary['stage1_seconds']:.0f}s): train lm loss {train.get('lm_loss', float('nan')):.3f}, "
           f"per-step loss {[round(x, 3) for x in train.get('step_loss', [])]}, "
           f"expected exit step {train.get('exit_step', float('nan')):.2f}")
     if valid:
-        print(f"  validation: loss {valid['lm_loss']:.3f}, ppl {valid['ppl']:.1f}, "
-              f"per-step loss {[round(x, 3) for x in valid['step_loss']]}")
+        print(f"  validation: lm loss {valid['lm_loss']:.3f} (ppl {valid['ppl']:.1f}; the expected cross entropy "
+              f"under the exit distribution), per-step loss {[round(x, 3) for x in valid['step_loss']]}")
+        print(f"  {loop_verdict(valid['step_loss'])}")
     rl_train = summary["looprpt"]["train"]
     rl_valid = summary["looprpt"]["validation"]
     print(f"  LoopRPT ({summary['looprpt_seconds']:.0f}s): reward {rl_train.get('reward_mean', float('nan')):.4f}, "
@@ -135,6 +150,7 @@ def _print_summary(summary: dict, stage1_dir: str, rl_dir: str) -> None:
           f"teacher t_ref {rl_train.get('teacher_t_ref', float('nan')):.2f}, "
           f"hard tokens {100 * rl_train.get('hard_token_fraction', float('nan')):.0f}%")
     if rl_valid:
-        print(f"  validation after LoopRPT: loss {rl_valid['lm_loss']:.3f}, ppl {rl_valid['ppl']:.1f}, "
+        print(f"  validation after LoopRPT: lm loss {rl_valid['lm_loss']:.3f} (ppl {rl_valid['ppl']:.1f}), "
               f"per-step loss {[round(x, 3) for x in rl_valid['step_loss']]}")
+        print(f"  {loop_verdict(rl_valid['step_loss'])}")
     print(f"  checkpoints: {stage1_dir} (stage 1), {rl_dir} (LoopRPT)")

@@ -125,3 +125,11 @@ def test_interval_average_of_the_console_line():
     line = format_line(average, 10)
     assert "tokens/s 364 " in line and "lm loss 3.0000" in line and "objective 2.9000" in line
     assert interval.records == []   # the next interval starts empty
+
+
+def test_the_quickstart_says_whether_the_loops_help():
+    from megatron_looprpt.quickstart import loop_verdict
+
+    assert loop_verdict([4.4, 4.3, 4.3, 4.2]).startswith("the loops help: held-out loss falls")
+    assert loop_verdict([4.4, 4.5, 4.6, 4.7]).startswith("the loops do not help: loop step 1")
+    assert loop_verdict([4.4, 4.3, 4.35, 4.5]).startswith("the loops help up to step 2")
