@@ -42,6 +42,9 @@ class CompositionTask:
     heldout_share: float = 0.2   # of the (entity, relations) tuples with k >= 2
     walk_words: int = 60         # words per document
     world_seed: int = 7          # the relations: the same world for training and evaluation
+    # "words": pseudo-words for a text tokenizer; "ids": NullTokenizer ids (entities 0..E-1,
+    # relations E..E+R-1, eod E+R), so the task trains alone with a vocabulary of E+R+1
+    render: str = "words"
 
     def __post_init__(self):
         if not 2 <= self.num_entities <= len(_ENTITY_SYLLABLES) * (len(_ENTITY_SYLLABLES) - 1):
@@ -54,15 +57,26 @@ class CompositionTask:
             raise ValueError("heldout_share must be in [0, 1)")
         if self.walk_words < self.max_hops + 2:
             raise ValueError("walk_words must leave room for a start and one segment of max_hops relations")
+        if self.render not in ("words", "ids"):
+            raise ValueError(f"render must be words or ids, got {self.render!r}")
 
     @property
     def entities(self) -> List[str]:
+        if self.render == "ids":
+            return [str(i) for i in range(self.num_entities)]
         names = [a + b for a in _ENTITY_SYLLABLES for b in _ENTITY_SYLLABLES if a != b]
         return random.Random(self.world_seed).sample(names, self.num_entities)
 
     @property
     def relations(self) -> List[str]:
+        if self.render == "ids":
+            return [str(self.num_entities + r) for r in range(self.num_relations)]
         return list(_RELATION_WORDS[: self.num_relations])
+
+    @property
+    def vocab_size(self) -> int:
+        """The NullTokenizer vocabulary of ``render="ids"`` (its last id is the eod)."""
+        return self.num_entities + self.num_relations + 1
 
     def tables(self) -> List[List[int]]:
         """Relation r maps entity i to tables()[r][i]."""
