@@ -35,6 +35,7 @@ ARMS = {
     "exit-uniform-init": ("T=4, Ouro's loss, gate starting at p(t) = 1/T", ["--exit-gate-init", "uniform"]),
     "uniform": ("T=4, backbone on the mean of the per-step losses", ["--step-loss-weights", "uniform"]),
     "last": ("T=4, backbone on the last step's loss only", ["--step-loss-weights", "last"]),
+    "progressive": ("T=4, backbone on the per-step losses weighted t / sum(t)", ["--step-loss-weights", "progressive"]),
     "uniform-lr1e-3": ("T=4, uniform, lr 1e-3 -> 1e-4", ["--step-loss-weights", "uniform", "--lr", "1e-3",
                                                           "--min-lr", "1e-4"]),
     "uniform-lr3e-4": ("T=4, uniform, lr 3e-4 -> 3e-5", ["--step-loss-weights", "uniform", "--lr", "3e-4",

@@ -80,7 +80,7 @@ def _leaves(seed=0):
     return logprobs, gates
 
 
-@pytest.mark.parametrize("weights", ["exit", "uniform", "last"])
+@pytest.mark.parametrize("weights", ["exit", "uniform", "progressive", "last"])
 def test_stage1_step_weights_gradients(weights):
     beta = 0.3
     logprobs, gates = _leaves()
@@ -89,7 +89,8 @@ def test_stage1_step_weights_gradients(weights):
     log_p = exit_log_distribution(ref_gates)
     p = log_p.exp()
     entropy = -(p * log_p).sum(0)
-    backbone_weights = {"exit": p.detach(), "uniform": torch.full_like(p, 1.0 / T),
+    ramp = torch.arange(1, T + 1, dtype=p.dtype).view(T, 1, 1) / (T * (T + 1) / 2)
+    backbone_weights = {"exit": p.detach(), "uniform": torch.full_like(p, 1.0 / T), "progressive": ramp.expand_as(p),
                         "last": torch.nn.functional.one_hot(torch.full((B, S), T - 1), T).permute(2, 0, 1).float()}
     # the backbone's step-t loss is weighted as asked ...
     assert torch.allclose(logprobs.grad, -backbone_weights[weights], atol=1e-6)

@@ -8,7 +8,8 @@ Stage 1 objectives (``step_weights``):
 - ``exit`` (Ouro's): L = sum_t p(t) CE_t - beta H(p). The backbone's step-t loss is weighted by
   the gate's p(t); the entropy bonus (a KL to the uniform prior, up to a constant) keeps the gate
   from collapsing onto one step.
-- ``uniform`` / ``last``: the backbone is trained on (1/T) sum_t CE_t, or on CE_T alone, and the
+- ``uniform`` / ``progressive`` / ``last``: the backbone is trained on (1/T) sum_t CE_t, on
+  sum_t t CE_t / sum_t t (later steps weigh more, none is left out), or on CE_T alone, and the
   gate learns the same exit objective on the detached per-step losses,
   sum_t p(t) sg[CE_t] - beta H(p). The gate then decides where to exit without deciding how much
   each step is trained, which breaks the loop by which an early-exiting gate starves the later
@@ -32,7 +33,7 @@ import torch.nn.functional as F
 
 from megatron_looprpt.models.exit_gate import exit_log_distribution
 
-STEP_WEIGHTS = ("exit", "uniform", "last")
+STEP_WEIGHTS = ("exit", "uniform", "progressive", "last")
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,16 @@ class ExitLossConfig:
             raise ValueError(f"step_weights must be one of {STEP_WEIGHTS}, got {self.step_weights!r}")
 
 
+def backbone_step_weights(step_weights: str, num_steps: int, like: torch.Tensor) -> torch.Tensor:
+    """The fixed per-step weights [T] of ``uniform``, ``progressive`` and ``last`` (sum 1)."""
+    steps = torch.arange(1, num_steps + 1, dtype=like.dtype, device=like.device)
+    if step_weights == "uniform":
+        return torch.ones_like(steps) / num_steps
+    if step_weights == "progressive":
+        return steps / steps.sum()
+    return (steps == num_steps).to(like.dtype)
+
+
 def stage1_token_loss(label_logprobs: torch.Tensor, gate_logits: torch.Tensor, entropy_coef: float,
                       step_weights: str = "exit") -> torch.Tensor:
     """[T, b, s] inputs -> [b, s] stage-1 objective (see the module docstring)."""
@@ -58,7 +69,7 @@ def stage1_token_loss(label_logprobs: torch.Tensor, gate_logits: torch.Tensor, e
     entropy_bonus = entropy_coef * (p * log_p).sum(dim=0)     # -beta H(p)
     if step_weights == "exit":
         return (p * ce).sum(dim=0) + entropy_bonus
-    backbone = ce.mean(dim=0) if step_weights == "uniform" else ce[-1]
+    backbone = (ce * backbone_step_weights(step_weights, ce.shape[0], ce).view(-1, *[1] * (ce.dim() - 1))).sum(dim=0)
     # The gate's term, sum_t p(t) sg[CE_t], less its own value: the gradient it sends the gate
     # is unchanged, and the objective's value stays backbone CE - beta H(p).
     gate = (p * ce.detach()).sum(dim=0)
