@@ -308,7 +308,7 @@ def main(argv=None) -> None:
     p.add_argument("--out", default=os.path.join("runs", "depth_study"))
     p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    p.add_argument("--task-iters", type=int, default=400, help="training iterations of the task part")
+    p.add_argument("--task-iters", type=int, default=600, help="training iterations of the task part")
     p.add_argument("--text-iters", type=int, default=300, help="training iterations of the text part")
     p.add_argument("--num-layers", type=int, default=2, help="N, the looped block's layers")
     p.add_argument("--loop-steps", type=int, default=4, help="T of the looped model")
@@ -319,7 +319,8 @@ def main(argv=None) -> None:
     start = time.time()
     study = arms(cfg.num_layers, cfg.loop_steps)
     descriptions = {arm.name: arm.description for arm in study}
-    task = CompositionTask(max_hops=cfg.max_hops, render="ids")
+    # one walk per training sequence (seq_length 128 = 127 tokens + eod)
+    task = CompositionTask(max_hops=cfg.max_hops, render="ids", walk_words=127)
     results = {"config": {**vars(cfg), "task": vars(task)}}
     for part in cfg.parts:
         if part == "task":

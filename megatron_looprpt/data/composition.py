@@ -40,7 +40,10 @@ class CompositionTask:
     num_relations: int = 4
     max_hops: int = 4
     heldout_share: float = 0.2   # of the (entity, relations) tuples with k >= 2
-    walk_words: int = 60         # words per document
+    # words per document; a training walk has exactly this many. With render="ids" and
+    # walk_words = seq_length - 1 every document (with its eod) is one training sequence, so no
+    # sequence starts in the middle of a walk, past the entity its first relations start from.
+    walk_words: int = 60
     world_seed: int = 7          # the relations: the same world for training and evaluation
     # "words": pseudo-words for a text tokenizer; "ids": NullTokenizer ids (entities 0..E-1,
     # relations E..E+R-1, eod E+R), so the task trains alone with a vocabulary of E+R+1
@@ -113,8 +116,15 @@ def walk(task: CompositionTask, rng: random.Random, heldout: bool, hops: Optiona
     state = rng.randrange(task.num_entities)
     segments, ks, words = [entities[state]], [], 1
     while True:
-        k = hops or rng.randint(1, task.max_hops)
-        if words + k + 1 > task.walk_words:
+        left = task.walk_words - words
+        if hops is not None:
+            k = hops
+        elif left <= task.max_hops + 1:
+            k = left - 1   # the last segment fills the walk exactly
+        else:
+            # never leave a single word, which no segment (relations and their entity) fills
+            k = rng.choice([k for k in range(1, task.max_hops + 1) if left - (k + 1) != 1])
+        if k < 1 or words + k + 1 > task.walk_words:
             break
         if heldout and k >= 2:
             choices = heldout_chains(task, state, k)
