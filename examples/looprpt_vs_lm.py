@@ -1,16 +1,25 @@
-"""LoopRPT against continued LM pre-training from the same stage-1 checkpoint (quickstart data).
+"""LoopRPT against continued LM pre-training, from stage-1 models that use their loops.
 
-    python examples/looprpt_vs_lm.py [--iters 60] [--root runs/quickstart]
+    bash examples/looprpt_vs_lm.sh        # = python examples/looprpt_vs_lm.py: ~35 min on 2 CPU cores
+    python examples/looprpt_vs_lm.py --iters 100 --seeds 1 2 3 --out runs/looprpt_vs_lm
 
-Uses the quickstart's data and stage-1 checkpoint (running the quickstart first if they are
-missing), continues the stage-1 model for the same number of iterations with (a) the stage-1 LM
-objective and (b) LoopRPT, both with a fresh optimizer and the same learning-rate schedule, then
-evaluates both on the held-out split with tools/evaluate.py: per-step next-token accuracy on all
-tokens and by difficulty (buckets at the 50% and 80% quantiles of the stage-1 model's last-step
-entropy: "hard" is the 20% of tokens it is least sure of, as LoopRPT trains on the top 20% by the
-teacher's entropy), the average exit step, and accuracy against the average number of loop steps
-used (the Q-exit sweep: accuracy at matched inference compute), with each method's median
-training iteration time. Writes runs/.../looprpt_vs_lm/report.md and prints it.
+Stage 1 is the depth study's looped model on the composition task (examples/depth_study.py,
+``task/loop/seedS``; run first when missing): a model whose later loop steps solve longer
+chains. From each seed's stage-1 checkpoint, with a fresh optimizer and the same schedule and
+tokens, three continuations:
+- ``lm``: the stage-1 objective (the depth study's task flags);
+- ``looprpt``: LoopRPT with its defaults (the authors' algorithm: the policy gradient through the
+  noisy latents, summed over rollouts; docs/looprpt.md);
+- ``looprpt-gate-only``: LoopRPT with ``--rl-pg-gate-only`` (the ablation: the policy gradient
+  trains the exit gate alone).
+Each method's learning rate is chosen first by a small sweep on seed 1 (``--lr-sweep``, scored
+by the lm loss of the validation split); the sweep is reported. Every continuation is then
+evaluated with tools/evaluate.py on held-out data: the task's valid split (its answer tokens:
+accuracy per loop step, the hard 20% by the stage-1 model's entropy, the Q-exit sweep and its
+Pareto frontier) and the task's held-out walks (accuracy per loop step and per hops k). The table
+gives means and standard deviations over seeds and calls a difference a gain only beyond two
+standard deviations (of the paired differences: each seed's methods share its stage 1).
+Finished stages are skipped on a rerun. Output: ``report.md``, ``report.json`` under ``--out``.
 """
 
 from __future__ import annotations
@@ -18,34 +27,35 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import statistics
 import subprocess
 import sys
+import time
+from typing import Dict, List
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-
-def parse():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--iters", type=int, default=60, help="continuation iterations for both methods")
-    p.add_argument("--root", default=os.environ.get("LOOPRPT_QUICKSTART_DIR", os.path.join("runs", "quickstart")))
-    p.add_argument("--eval-iters", type=int, default=20)
-    return p.parse_args()
-
+import depth_study  # noqa: E402  (examples/depth_study.py: stage 1 and the task's data)
 
 TRACKER = "latest_checkpointed_iteration.txt"
 DIFFICULTY_QUANTILES = ("0.5", "0.8")
-# The objective of each method; both continue with the same schedule (continuation_flags).
-METHOD_FLAGS = {"lm": [], "looprpt": ["--rl-algo", "looprpt", "--rl-num-rollouts", "4"]}
+# The objective of each method; all continue with the same schedule (continuation_flags).
+METHOD_FLAGS = {"lm": [], "looprpt": ["--rl-algo", "looprpt"],
+                "looprpt-gate-only": ["--rl-algo", "looprpt", "--rl-pg-gate-only"]}
+LR_SWEEP = (1e-4, 3e-4, 1e-3)
 
 
-def continuation_flags(stage1, out, iters, method, save_interval=None):
+def continuation_flags(stage1, out, iters, method, save_interval=None, lr=3e-4):
     """Continue the stage-1 checkpoint for ``iters`` iterations with ``method`` (a METHOD_FLAGS
     key) into ``out``: from the stage-1 weights with a fresh optimizer (--finetune), or, when
     ``out`` already holds a checkpoint of this run (an interrupted one), resuming from it."""
     resume = os.path.exists(os.path.join(out, TRACKER))
     return [
-        "--train-iters", str(iters), "--lr", "3e-4", "--min-lr", "3e-5", "--lr-warmup-iters", str(min(5, iters // 2)),
+        "--train-iters", str(iters), "--lr", f"{lr:g}", "--min-lr", f"{lr / 10:g}",
+        "--lr-warmup-iters", str(min(5, iters // 2)),
         *(["--load", out] if resume else ["--load", stage1, "--finetune"]),
         "--save", out, *([] if save_interval is None else ["--save-interval", str(save_interval)]),
         "--log-json", os.path.join(out, "log.jsonl"), *METHOD_FLAGS[method],
@@ -60,81 +70,181 @@ def evaluate_command(load, output_dir, eval_iters, compare=None, reference=None,
             "--eval-iters", str(eval_iters), "--output-dir", output_dir, *extra]
 
 
-def continue_from_stage1(common, stage1, out, iters, method):
-    from megatron_looprpt.arguments import parse_args
-    from megatron_looprpt.training.loop import pretrain
+def _log(message: str) -> None:
+    print(f"[looprpt-vs-lm] {message}", flush=True)
 
-    if os.path.exists(os.path.join(out, TRACKER)):
-        print(f"[experiment] reusing {out}")
+
+def _finished(save_dir: str, iters: int) -> bool:
+    return (depth_study.trained_iteration(save_dir) or 0) >= iters
+
+
+def continue_stage1(cfg, task_flags: List[str], stage1: str, out: str, method: str, lr: float, seed: int) -> None:
+    if _finished(out, cfg.iters):
         return
-    pretrain(parse_args(common + continuation_flags(stage1, out, iters, method)))
+    _log(f"{method} lr {lr:g} seed {seed}: {cfg.iters} iterations from {stage1}")
+    start = time.time()
+    arm = depth_study.Arm("loop", "", cfg.num_layers, cfg.loop_steps)
+    flags = depth_study.train_flags(task_flags, arm, seed, cfg.iters, out)
+    # the continuation's own schedule and checkpoints replace stage 1's (argparse keeps the last)
+    flags += continuation_flags(stage1, out, cfg.iters, method, lr=lr) + ["--eval-interval", str(cfg.iters),
+                                                                            "--eval-iters", "4"]
+    depth_study._run([sys.executable, os.path.join(ROOT, "pretrain_looprpt.py"), *flags], os.path.join(out, "train.log"))
+    _log(f"  {time.time() - start:.0f}s")
 
 
-def main():
-    a = parse()
-    from megatron_looprpt import quickstart
-
-    stage1 = os.path.join(a.root, "stage1")
-    if not os.path.exists(os.path.join(stage1, TRACKER)):
-        os.environ["LOOPRPT_QUICKSTART_DIR"] = a.root
-        quickstart.run_quickstart()
-    tokenizer, prefixes = quickstart._prepare_data(a.root)
-    common = quickstart._common_flags(tokenizer, prefixes)
-    out = os.path.join(a.root, "looprpt_vs_lm")
-    lm_dir, rl_dir = os.path.join(out, "lm"), os.path.join(out, "looprpt")
-    print(f"[experiment] continued LM pre-training, {a.iters} iterations from {stage1}")
-    continue_from_stage1(common, stage1, lm_dir, a.iters, "lm")
-    print(f"[experiment] LoopRPT, {a.iters} iterations from {stage1}")
-    continue_from_stage1(common, stage1, rl_dir, a.iters, "looprpt")
-    from megatron_looprpt import parallel
-
-    parallel.destroy()
-    eval_dir = os.path.join(out, "evaluation")
-    subprocess.run(evaluate_command(lm_dir, eval_dir, a.eval_iters, compare=rl_dir, reference=stage1,
-                                    extra=["--difficulty-quantiles", *DIFFICULTY_QUANTILES]),
-                   check=True, env={**os.environ, "PYTHONPATH": ROOT})
-    with open(os.path.join(eval_dir, "evaluation.json")) as f:
-        evaluation = json.load(f)
-    times = {method: median_iteration_time(os.path.join(out, method, "log.jsonl")) for method in ("lm", "looprpt")}
-    report = render(evaluation, a.iters, times)
-    with open(os.path.join(out, "report.md"), "w") as f:
-        f.write(report)
-    print(report)
+def validation_loss(out: str) -> float:
+    """The lm loss of the last validation pass in a run's log."""
+    last = None
+    with open(os.path.join(out, "log.jsonl")) as f:
+        for line in f:
+            record = json.loads(line)
+            if "validation" in record:
+                last = record["validation"]["lm_loss"]
+    return last
 
 
-def median_iteration_time(log_path: str) -> float:
-    with open(log_path) as f:
-        times = sorted(record["iteration_time"] for record in map(json.loads, f) if "iteration_time" in record)
-    return times[len(times) // 2]
+def evaluate(cfg, info: dict, load: str, stage1: str, out: str) -> dict:
+    report = os.path.join(out, "evaluation.json")
+    if not os.path.exists(report):
+        partial = out + ".partial"
+        if os.path.exists(partial):
+            shutil.rmtree(partial)
+        depth_study._run(evaluate_command(load, partial, cfg.eval_iters, reference=stage1,
+                                          extra=["--difficulty-quantiles", *DIFFICULTY_QUANTILES,
+                                                 "--task-data", info["heldout"]]),
+                         os.path.join(os.path.dirname(out), "eval.log"))
+        os.replace(partial, out)
+    with open(report) as f:
+        return json.load(f)["models"][0]
 
 
-def render(evaluation: dict, iters: int, times: dict) -> str:
-    lm, rl = evaluation["models"]
-    names = {"load": "continued LM", "compare": "LoopRPT"}
-    difficulty = evaluation["difficulty"]
-    thresholds = ", ".join(f"{t:.3f}" for t in difficulty["thresholds"])
-    lines = [f"# LoopRPT vs continued LM pre-training ({iters} iterations from the same stage-1 checkpoint)", "",
-             f"Held-out tokens: {lm['num_tokens']} (each scored once); difficulty buckets by the stage-1 model's "
-             f"last-step entropy at its {' and '.join(DIFFICULTY_QUANTILES)} quantiles ({thresholds} nats): "
-             + ", ".join(f"{b} {lm['buckets'][b]['fraction']:.0%}" for b in ("easy", "medium", "hard")), "",
-             f"Median training iteration: continued LM {times['lm']:.2f} s, LoopRPT {times['looprpt']:.2f} s "
-             f"({times['looprpt'] / times['lm']:.2f}x)", "",
-             "| method | step | accuracy (all) | accuracy (hard) | NLL (all) |", "| --- | --- | --- | --- | --- |"]
-    for model in (lm, rl):
-        for step in model["per_step"]:
-            hard = step["by_bucket"]["hard"]["accuracy"]
-            lines.append(f"| {names[model['role']]} | {step['step']} | {step['accuracy']:.4f} | "
-                         f"{'n/a' if hard is None else f'{hard:.4f}'} | {step['nll']:.4f} |")
-    lines += ["", "| method | Q-exit q | avg loop steps | accuracy | expected exit step |", "| --- | --- | --- | --- | --- |"]
-    for model in (lm, rl):
-        q = model["q_exit"]
-        lines.append(f"| {names[model['role']]} | {q['q']} | {q['avg_steps']:.3f} | {q['accuracy']:.4f} | "
-                     f"{q['expected_exit_step']:.3f} |")
-    lines += ["", "Accuracy against average loop steps (Q-exit sweep):", "",
-              "| q | LM steps | LM accuracy | LoopRPT steps | LoopRPT accuracy |", "| --- | --- | --- | --- | --- |"]
-    for a, b in zip(lm["q_sweep"], rl["q_sweep"]):
-        lines.append(f"| {a['q']} | {a['avg_steps']:.3f} | {a['accuracy']:.4f} | {b['avg_steps']:.3f} | {b['accuracy']:.4f} |")
+def _mean_std(values: List[float]) -> tuple:
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def _cell(values: List[float]) -> str:
+    mean, std = _mean_std(values)
+    return f"{mean:.4f} ± {std:.4f}"
+
+
+def _vs(values: List[float], base: List[float]) -> str:
+    """The paired difference of means, called a gain or loss only beyond two standard deviations."""
+    diffs = [a - b for a, b in zip(values, base)]
+    mean, std = _mean_std(diffs)
+    verdict = "gain" if mean > 2 * std else ("loss" if mean < -2 * std else "within noise")
+    return f"{mean:+.4f} ± {std:.4f} ({verdict})"
+
+
+def render(cfg, sweep: Dict[str, Dict[float, float]], chosen: Dict[str, float], models: Dict[str, List[dict]],
+           times: Dict[str, float], wall: float) -> str:
+    steps = cfg.loop_steps
+    lines = [f"# LoopRPT vs continued LM pre-training ({cfg.iters} iterations of 16 x 128 tokens from each seed's "
+             "depth-study stage-1 model)", "",
+             f"Seeds {', '.join(map(str, cfg.seeds))}; mean ± std over seeds; a difference from continued LM is the "
+             "mean of the paired (same-seed) differences, a gain or loss only beyond two of their standard "
+             f"deviations. Wall time {wall / 60:.0f} min.", "",
+             "Learning-rate sweep (seed 1, validation lm loss after the continuation):", "",
+             "| method | " + " | ".join(f"lr {lr:g}" for lr in cfg.lr_sweep) + " | chosen |",
+             "| --- |" + " --- |" * (len(cfg.lr_sweep) + 1)]
+    for method, losses in sweep.items():
+        lines.append(f"| {method} | " + " | ".join(f"{losses[lr]:.4f}" for lr in cfg.lr_sweep) + f" | {chosen[method]:g} |")
+    lines += ["", "Median training iteration: " + ", ".join(f"{m} {t:.2f} s" for m, t in times.items()), ""]
+    lm = models["lm"]
+    header = " | ".join(f"step {t + 1}" for t in range(steps))
+    lines += ["Held-out walks (the task's valid split, answer tokens): accuracy per loop step, all and hard 20%", "",
+              f"| method | tokens | {header} |", "| --- | --- |" + " --- |" * steps]
+    for method, runs in models.items():
+        for bucket in ("all", "hard"):
+            cells = []
+            for t in range(steps):
+                values = [m["per_step"][t]["accuracy"] if bucket == "all" else m["per_step"][t]["by_bucket"]["hard"]["accuracy"]
+                          for m in runs]
+                cells.append(_cell(values))
+            lines.append(f"| {method} | {bucket} | " + " | ".join(cells) + " |")
+    lines += ["", "Q-exit at q = 0.9 and at matched compute (the Pareto frontier's best accuracy within continued "
+              "LM's average steps):", "",
+              "| method | avg steps | accuracy | vs LM | matched-compute accuracy | vs LM |",
+              "| --- | --- | --- | --- | --- | --- |"]
+
+    def matched(model: dict, budget: float) -> float:
+        return max(p["accuracy"] for p in model["pareto_frontier"] if p["avg_steps"] <= budget + 1e-9)
+
+    for method, runs in models.items():
+        accuracy = [m["q_exit"]["accuracy"] for m in runs]
+        steps_used = [m["q_exit"]["avg_steps"] for m in runs]
+        at_budget = [matched(m, base["q_exit"]["avg_steps"]) for m, base in zip(runs, lm)]
+        lm_budget = [matched(base, base["q_exit"]["avg_steps"]) for base in lm]
+        lines.append(f"| {method} | {_cell(steps_used)} | {_cell(accuracy)} | "
+                     f"{'' if method == 'lm' else _vs(accuracy, [m['q_exit']['accuracy'] for m in lm])} | "
+                     f"{_cell(at_budget)} | {'' if method == 'lm' else _vs(at_budget, lm_budget)} |")
+    ks = [g["group"] for g in lm[0]["task"]["groups"]]
+    lines += ["", "Held-out composition problems (tuples never trained on for k >= 2): accuracy per loop step by k", "",
+              f"| method | k | {header} | last step vs LM |", "| --- | --- |" + " --- |" * (steps + 1)]
+    for method, runs in models.items():
+        for k in ks:
+            per_seed = [next(g for g in m["task"]["groups"] if g["group"] == k)["per_step"] for m in runs]
+            base = [next(g for g in m["task"]["groups"] if g["group"] == k)["per_step"][-1]["accuracy"] for m in lm]
+            cells = [_cell([p[t]["accuracy"] for p in per_seed]) for t in range(steps)]
+            last = [p[-1]["accuracy"] for p in per_seed]
+            lines.append(f"| {method} | {k} | " + " | ".join(cells) + f" | {'' if method == 'lm' else _vs(last, base)} |")
     return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default=os.path.join("runs", "looprpt_vs_lm"))
+    p.add_argument("--depth-study", default=os.path.join("runs", "depth_study"),
+                   help="the depth study whose task/loop models are stage 1 (run when missing)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    p.add_argument("--iters", type=int, default=100, help="continuation iterations of every method")
+    p.add_argument("--eval-iters", type=int, default=20, help="batches of the task's valid split")
+    p.add_argument("--lr-sweep", type=float, nargs="+", default=list(LR_SWEEP))
+    p.add_argument("--num-layers", type=int, default=2)
+    p.add_argument("--loop-steps", type=int, default=4)
+    cfg = p.parse_args(argv)
+    start = time.time()
+    task = depth_study.CompositionTask(render="ids", walk_words=127)
+    info = depth_study.task_data(cfg.depth_study, task, num_train=20_000, heldout_per_k=100)
+    task_flags = depth_study.task_flags(info, task, cfg.iters)
+    stage1 = {seed: os.path.join(cfg.depth_study, "task", "loop", f"seed{seed}", "checkpoint") for seed in cfg.seeds}
+    if not all(_finished(path, 1) for path in stage1.values()):
+        _log("stage 1 missing: running the depth study's task part first")
+        depth_study.main(["--out", cfg.depth_study, "--parts", "task", "--seeds", *map(str, cfg.seeds)])
+
+    first = cfg.seeds[0]
+    sweep: Dict[str, Dict[float, float]] = {}
+    for method in ("lm", "looprpt"):
+        sweep[method] = {}
+        for lr in cfg.lr_sweep:
+            out = os.path.join(cfg.out, "lr_sweep", f"{method}_lr{lr:g}")
+            continue_stage1(cfg, task_flags, stage1[first], out, method, lr, first)
+            sweep[method][lr] = validation_loss(out)
+    chosen = {method: min(losses, key=losses.get) for method, losses in sweep.items()}
+    chosen["looprpt-gate-only"] = chosen["looprpt"]
+
+    models: Dict[str, List[dict]] = {}
+    times = {}
+    for method in METHOD_FLAGS:
+        models[method] = []
+        for seed in cfg.seeds:
+            out = os.path.join(cfg.out, method, f"seed{seed}")
+            if seed == first and method in sweep:
+                out = os.path.join(cfg.out, "lr_sweep", f"{method}_lr{chosen[method]:g}")
+            continue_stage1(cfg, task_flags, stage1[seed], out, method, chosen[method], seed)
+            models[method].append(evaluate(cfg, info, out, stage1[seed], os.path.join(out, "eval", "report")))
+        with open(os.path.join(out, "log.jsonl")) as f:
+            durations = sorted(r["iteration_time"] for r in map(json.loads, f) if "iteration_time" in r)
+        times[method] = durations[len(durations) // 2]
+    text = render(cfg, sweep, chosen, models, times, time.time() - start)
+    with open(os.path.join(cfg.out, "report.md"), "w") as f:
+        f.write(text)
+    with open(os.path.join(cfg.out, "report.json"), "w") as f:
+        json.dump({"sweep": {m: {f"{lr:g}": v for lr, v in s.items()} for m, s in sweep.items()},
+                   "chosen_lr": chosen, "median_iteration_s": times,
+                   "models": {m: [{k: v for k, v in r.items() if k != "pareto_frontier"} for r in runs]
+                              for m, runs in models.items()}}, f, indent=2)
+    print(text)
+    _log(f"{time.time() - start:.0f}s; report in {cfg.out}/report.md")
 
 
 if __name__ == "__main__":

@@ -45,6 +45,8 @@ ARMS = {
     "t1-1000": ("T=1, 1000 iterations", ["--loop-steps", "1", "--train-iters", "1000"]),
     "exit-1000": ("T=4, Ouro's loss, 1000 iterations", ["--train-iters", "1000"]),
     "uniform-1000": ("T=4, uniform, 1000 iterations", ["--step-loss-weights", "uniform", "--train-iters", "1000"]),
+    "exit-beta0.1-1000": ("T=4, Ouro's loss, beta 0.1, 1000 iterations", ["--exit-entropy-coef", "0.1",
+                                                                            "--train-iters", "1000"]),
 }
 EVAL_ITERS = 20
 
