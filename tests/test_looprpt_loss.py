@@ -198,7 +198,7 @@ def _reference_loss(teacher, student, loss_mask, cfg, sampled):
             lam = [1 / (1 + math.exp(-x)) for x in tg]
             tp = [lam[0], lam[1] * (1 - lam[0]), (1 - lam[0]) * (1 - lam[1])]
             cdf = [sum(tp[:k + 1]) for k in range(T)]
-            t_ref = next((k for k in range(T) if cdf[k] >= cfg.exit_threshold), T - 1)
+            t_ref = next((k for k in range(T) if cdf[k] >= cfg.reference_threshold), T - 1)
             base = teacher.logp[t_ref, bi, si].item()
             d = min(max(teacher.entropy[t_ref, bi, si].item() / math.log(V), 0.0), 1.0)
             lam_t = cfg.time_penalty * (1 + cfg.time_penalty_scale * (1 - d))
@@ -216,7 +216,7 @@ def _reference_loss(teacher, student, loss_mask, cfg, sampled):
             mean = sum(rg) / G
             std = math.sqrt(sum((x - mean) ** 2 for x in rg) / (G - 1))
             adv = [(x - mean) / (std + cfg.eps) for x in rg]
-            pg_tok = -sum(a * lp for a, lp in zip(adv, logpi)) / G
+            pg_tok = -sum(a * lp for a, lp in zip(adv, logpi)) / (G if cfg.pg_rollout_reduction == "mean" else 1)
             # backbone, entropy, kl
             sg = student.gate_logits[:, bi, si].tolist()
             ls = [1 / (1 + math.exp(-x)) for x in sg]
@@ -234,10 +234,12 @@ def _reference_loss(teacher, student, loss_mask, cfg, sampled):
     return total, n_hard
 
 
-def test_full_loss_matches_token_by_token_reference():
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_full_loss_matches_token_by_token_reference(reduction):
     teacher, student = _inputs(seed=11)
     cfg = LoopRPTConfig(num_rollouts=G, hard_token_ratio=0.5, time_penalty=0.1,
-                        time_penalty_scale=1.0, reward_scale=1.5, entropy_coef=0.1, kl_coef=0.2)
+                        time_penalty_scale=1.0, reward_scale=1.5, entropy_coef=0.1, kl_coef=0.2,
+                        pg_rollout_reduction=reduction)
     loss_mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
     loss, m = looprpt_loss(teacher, student, loss_mask, V, cfg, _uniforms(3))
     rollout_gates = student.rollout_gate_logits.detach().transpose(0, 1)
