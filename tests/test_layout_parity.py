@@ -107,7 +107,7 @@ CLI_LAYOUTS = {
 CLI_FIELDS = ("lm_loss", "step_loss", "grad_norm", "reward_mean", "pg_loss", "model_loss", "kl_loss",
               "entropy", "student_exit_step")
 # The policy loss sums +-advantage x log-prob over 8 rollouts, terms of order 1 that cancel to
-# about 0.2: its fp32 round-off, reduced in another order, is judged against them.
+# 0.2-1.3: its fp32 round-off, reduced in another order, is judged against them.
 CLI_ABSOLUTE = {"pg_loss": 1e-5}
 CLI_EXACT = ("hard_token_fraction", "teacher_t_ref", "qexit_steps")
 _cli_reference = {}
