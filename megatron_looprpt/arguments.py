@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("loop")
     g.add_argument("--loop-steps", type=int, default=None, help="T: applications of the shared block (default 4)")
     g.add_argument("--exit-entropy-coef", type=float, default=0.05, help="beta of Ouro's stage-1 loss")
-    g.add_argument("--exit-threshold", type=float, default=0.9, help="q of Q-exit (and LoopRPT's t_ref)")
+    g.add_argument("--exit-threshold", type=float, default=0.9, help="q of Q-exit")
     g.add_argument("--exit-gate-training", choices=["stage1", "stage2"], default="stage1",
                    help="stage2: Ouro's gate-only training from per-step loss improvements")
     g.add_argument("--exit-gate-init", choices=["geometric", "uniform"], default="geometric",
@@ -178,6 +178,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--rl-hard-token-ratio", type=float, default=0.2,
                    help="fraction of each sequence's tokens (highest teacher entropy) the RL terms use")
     g.add_argument("--rl-num-rollouts", type=int, default=8, help="G noisy latent rollouts per token")
+    g.add_argument("--rl-reference-threshold", type=float, default=0.5,
+                   help="CDF level of the teacher's exit distribution that defines the reference step t_ref "
+                        "(the authors' gate threshold; --exit-threshold is Q-exit's)")
+    g.add_argument("--rl-pg-rollout-reduction", choices=["sum", "mean"], default="sum",
+                   help="how the policy loss combines the G rollouts of a token (sum: the authors' "
+                        "per-step-noise trainer; mean: the one their launch script runs)")
+    g.add_argument("--rl-pg-gate-only", action="store_true",
+                   help="the policy gradient trains the exit gate only (rollouts see detached latents); "
+                        "by default it also flows through the noisy latents into the backbone")
     g.add_argument("--rl-latent-noise-std", type=float, default=0.1,
                    help="std of the Gaussian latent noise (drop probability for dropout)")
     g.add_argument("--rl-noise-type", choices=["gaussian", "dropout"], default="gaussian",
@@ -379,6 +388,9 @@ def _validate_rl(args) -> None:
              f"--rl-hard-token-ratio {args.rl_hard_token_ratio} must be in (0, 1]")
     _require(args.rl_num_rollouts >= 2,
              f"--rl-num-rollouts {args.rl_num_rollouts} must be >= 2: the advantage is relative to the group")
+    _require(0.0 < args.rl_reference_threshold <= 1.0,
+             f"--rl-reference-threshold {args.rl_reference_threshold} must be in (0, 1] (a CDF level of the "
+             "teacher's exit distribution)")
     _require(0.0 <= args.rl_ema_decay < 1.0,
              f"--rl-ema-decay {args.rl_ema_decay} must be in [0, 1) (1 would freeze the teacher)")
     _require(args.rl_latent_noise_std >= 0.0, f"--rl-latent-noise-std {args.rl_latent_noise_std} must be >= 0")

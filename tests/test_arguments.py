@@ -137,6 +137,7 @@ def test_full_valid_configuration(tmp_path):
         "--rl-latent-noise-std", "0.2", "--rl-noise-type", "dropout", "--rl-reward-scale", "2",
         "--rl-time-penalty", "0.02", "--rl-time-penalty-scale", "0.5", "--rl-ema-decay", "0.99",
         "--rl-pg-coef", "0.5", "--rl-model-coef", "0.5", "--rl-entropy-coef", "0.02", "--rl-kl-coef", "0.1",
+        "--rl-reference-threshold", "0.7", "--rl-pg-rollout-reduction", "mean", "--rl-pg-gate-only",
     ], world_size=8)
     assert (args.num_layers, args.hidden_size, args.loop_steps, args.data_parallel_size, args.num_microbatches) == \
         (4, 256, 3, 2, 8)
@@ -144,6 +145,8 @@ def test_full_valid_configuration(tmp_path):
     assert args.data_path == ["0.7", str(tmp_path / "a_text_document"), "0.3", str(tmp_path / "b_text_document")]
     assert (args.rl_algo, args.rl_num_rollouts, args.rl_noise_type, args.exit_gate_training) == \
         ("looprpt", 4, "dropout", "stage2")
+    assert (args.rl_reference_threshold, args.rl_pg_rollout_reduction, args.rl_pg_gate_only, args.exit_threshold) == \
+        (0.7, "mean", True, 0.5)
 
 
 def test_defaults_follow_megatron_and_the_brief():
@@ -156,6 +159,9 @@ def test_defaults_follow_megatron_and_the_brief():
             args.rl_time_penalty, args.rl_time_penalty_scale, args.rl_ema_decay, args.rl_pg_coef,
             args.rl_model_coef, args.rl_entropy_coef, args.rl_kl_coef) == \
         (0.2, 8, 0.1, 1.0, 0.02, 0.5, 0.995, 1.0, 1.0, 0.01, 0.001)
+    # the authors' LoopRPT: t_ref at their gate threshold, the rollouts summed, the policy
+    # gradient into the backbone (docs/looprpt.md)
+    assert (args.rl_reference_threshold, args.rl_pg_rollout_reduction, args.rl_pg_gate_only) == (0.5, "sum", False)
     titles = {group.title for group in build_parser()._action_groups}
     assert {"model", "loop", "training", "optimizer", "parallel", "data", "checkpoint", "logging", "rl"} <= titles
 
@@ -207,6 +213,8 @@ def test_missing_load_directory_starts_from_scratch(tmp_path):
     (["--rl-algo", "looprpt", "--rl-hard-token-ratio", "1.5"], 1, "--rl-hard-token-ratio"),
     (["--rl-algo", "looprpt", "--rl-ema-decay", "1.0"], 1, "--rl-ema-decay"),
     (["--rl-algo", "looprpt", "--rl-ema-decay", "-0.1"], 1, "--rl-ema-decay"),
+    (["--rl-algo", "looprpt", "--rl-reference-threshold", "0"], 1, "--rl-reference-threshold"),
+    (["--rl-algo", "looprpt", "--rl-reference-threshold", "1.2"], 1, "--rl-reference-threshold"),
     (["--rl-algo", "looprpt", "--rl-noise-type", "dropout", "--rl-latent-noise-std", "1"], 1,
      "--rl-latent-noise-std"),
     # GRPO / RLTT (MOCK's NullTokenizer is refused on its own; a real tokenizer file below)

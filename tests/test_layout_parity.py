@@ -1,8 +1,11 @@
 """Loss and grad norm of 3 optimizer steps are the same under every parallel layout (fp32)."""
 
+import json
+
 import pytest
 
-from tests.torchrun import run_json
+from tests.test_cli import corpus  # noqa: F401 (the real-text fixture)
+from tests.torchrun import run, run_json
 
 LAYOUTS = {
     "tp2": (2, ["--tp", "2"]),
@@ -90,3 +93,58 @@ def test_looprpt_layout_matches_single_process(layout, tmp_path, tmp_path_factor
     # The teacher moved with the student (EMA) and the KL term became active.
     assert got[0]["teacher_probe"] != got[-1]["teacher_probe"]
     assert got[0]["kl_loss"] == 0.0 and got[-1]["kl_loss"] > 0.0
+
+
+# Through pretrain_looprpt.py from an untrained model, where the teacher's entropies of a
+# sequence tie within round-off: the hard tokens, and so everything after them, must still not
+# depend on the layout (docs/looprpt.md, "Hard tokens").
+CLI_LAYOUTS = {
+    "tp2": ["--tensor-model-parallel-size", "2"],
+    "tp2_sp": ["--tensor-model-parallel-size", "2", "--sequence-parallel"],
+    "pp2": ["--pipeline-model-parallel-size", "2"],
+    "dp2_distopt": ["--use-distributed-optimizer"],
+}
+CLI_FIELDS = ("lm_loss", "step_loss", "grad_norm", "reward_mean", "pg_loss", "model_loss", "kl_loss",
+              "entropy", "student_exit_step")
+# The policy loss sums +-advantage x log-prob over 8 rollouts, terms of order 1 that cancel to
+# 0.2-1.3: its fp32 round-off, reduced in another order, is judged against them.
+CLI_ABSOLUTE = {"pg_loss": 1e-5}
+CLI_EXACT = ("hard_token_fraction", "teacher_t_ref", "qexit_steps")
+_cli_reference = {}
+
+
+def _looprpt_cli_run(data, corpus, nproc, layout, log):
+    if data == "mock":
+        data_flags = ["--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "512"]
+    else:
+        data_flags = ["--data-path", corpus["prefixes"][0], "--split", "90,8,2",
+                      "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", corpus["tokenizer"]]
+    argv = ["--model-size", "tiny", "--seq-length", "64", "--num-layers", "2", *data_flags,
+            "--micro-batch-size", "2", "--global-batch-size", "8", "--lr", "2e-3", "--min-lr", "2e-4",
+            "--lr-warmup-iters", "1", "--lr-decay-iters", "6", "--train-iters", "3", "--seed", "3",
+            "--rl-algo", "looprpt", "--log-interval", "1", "--no-progress-bar", "--log-json", str(log), *layout]
+    result = run("pretrain_looprpt.py", nproc, argv)
+    assert result.returncode == 0, result.stderr[-4000:]
+    with open(log) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("data", ["mock", "text"])
+@pytest.mark.parametrize("layout", list(CLI_LAYOUTS))
+def test_looprpt_cli_from_an_untrained_model_matches_single_process(data, layout, corpus, tmp_path,
+                                                                     tmp_path_factory):
+    if data not in _cli_reference:
+        log = tmp_path_factory.mktemp(f"cli_{data}") / "log.jsonl"
+        _cli_reference[data] = _looprpt_cli_run(data, corpus, 1, [], log)
+    expected = _cli_reference[data]
+    got = _looprpt_cli_run(data, corpus, 2, CLI_LAYOUTS[layout], tmp_path / "log.jsonl")
+    assert len(got) == len(expected) == 3
+    for g, e in zip(got, expected):
+        for key in CLI_EXACT:
+            assert g[key] == e[key], (g["iteration"], key, g[key], e[key])
+        for key in CLI_FIELDS:
+            for gv, ev in zip(*(v if isinstance(v, list) else [v] for v in (g[key], e[key]))):
+                tolerance = max(1e-5 * max(abs(gv), abs(ev)), CLI_ABSOLUTE.get(key, 0.0))
+                assert abs(gv - ev) <= tolerance, (g["iteration"], key, gv, ev)
+    assert expected[-1]["kl_loss"] > 0.0 and expected[0]["lm_loss"] != expected[-1]["lm_loss"]

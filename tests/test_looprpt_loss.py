@@ -8,11 +8,13 @@ import math
 import pytest
 import torch
 
+from fractions import Fraction
+
 from megatron_looprpt.rl.ema import copy_params_, ema_update_
 from megatron_looprpt.rl.looprpt_loss import (
-    LoopRPTConfig, StudentOutputs, TeacherOutputs, difficulty, exit_distribution, exit_entropy,
-    grpo_advantages, hard_token_mask, k3_kl, looprpt_loss, reference_step, sample_exit_steps,
-    step_rewards)
+    ENTROPY_LEVEL, LoopRPTConfig, StudentOutputs, TeacherOutputs, difficulty, exit_distribution,
+    exit_entropy, exit_log_distribution, grpo_advantages, hard_token_count, hard_token_mask, k3_kl,
+    looprpt_loss, reference_step, sample_exit_steps, step_rewards)
 
 T, B, S, V, G = 3, 2, 4, 16, 4
 DT = torch.float64
@@ -138,6 +140,41 @@ def test_hard_token_count_in_loss_metrics():
     assert m["hard_token_fraction"].item() == pytest.approx(2 / 6)
 
 
+def test_hard_token_count_is_the_number_at_or_above_the_exact_quantile():
+    for ratio in (0.05, 0.2, 0.25, 1 / 3, 0.5, 0.8, 1.0):
+        q = 1 - Fraction(ratio).limit_denominator(1000)
+        for n in range(0, 130):
+            # distinct values 0..n-1: the linearly interpolated quantile is q (n - 1) itself
+            expected = sum(1 for i in range(n) if i >= q * (n - 1))
+            assert hard_token_count(torch.tensor(n), ratio).item() == expected, (ratio, n)
+
+
+def test_hard_tokens_of_a_tied_sequence_survive_round_off():
+    # an untrained model: each sequence's entropies lie within a few 1e-3 of one another, and
+    # another layout computes them with a different rounding
+    g = torch.Generator().manual_seed(40)
+    entropy = math.log(512) - 0.02 + 4e-3 * torch.rand(8, 64, generator=g)
+    mask = torch.ones(8, 64)
+    mask[:, :5] = 0
+    other = entropy + 2e-5 * torch.randn(8, 64, generator=g)
+    hard = hard_token_mask(entropy, mask, 0.2)
+    assert torch.equal(hard, hard_token_mask(other, mask, 0.2))
+    assert hard.sum(1).tolist() == [hard_token_count(torch.tensor(59), 0.2).item()] * 8
+    # ordered by a scramble of the position: spread over the sequence, not its first tokens
+    positions = hard[0].nonzero().flatten()
+    assert positions.min() < 16 and positions.max() > 48
+
+
+def test_hard_tokens_follow_the_entropy_where_it_is_not_tied():
+    g = torch.Generator().manual_seed(41)
+    entropy = torch.stack([torch.randperm(S * 8, generator=g)[:S] for _ in range(B)]) * 3 * ENTROPY_LEVEL
+    entropy = entropy.double() + ENTROPY_LEVEL * torch.rand(B, S, generator=g, dtype=DT)
+    for ratio in (0.25, 0.5, 0.75):
+        k = hard_token_count(torch.tensor(S), ratio).item()
+        expected = torch.zeros(B, S, dtype=torch.bool).scatter_(1, entropy.topk(k, dim=1).indices, True)
+        assert torch.equal(hard_token_mask(entropy, torch.ones(B, S), ratio), expected)
+
+
 # ----------------------------------------------------------------------------- GRPO, k3, sampling
 
 def test_grpo_advantages_hand_case_and_normalisation():
@@ -198,7 +235,7 @@ def _reference_loss(teacher, student, loss_mask, cfg, sampled):
             lam = [1 / (1 + math.exp(-x)) for x in tg]
             tp = [lam[0], lam[1] * (1 - lam[0]), (1 - lam[0]) * (1 - lam[1])]
             cdf = [sum(tp[:k + 1]) for k in range(T)]
-            t_ref = next((k for k in range(T) if cdf[k] >= cfg.exit_threshold), T - 1)
+            t_ref = next((k for k in range(T) if cdf[k] >= cfg.reference_threshold), T - 1)
             base = teacher.logp[t_ref, bi, si].item()
             d = min(max(teacher.entropy[t_ref, bi, si].item() / math.log(V), 0.0), 1.0)
             lam_t = cfg.time_penalty * (1 + cfg.time_penalty_scale * (1 - d))
@@ -216,7 +253,7 @@ def _reference_loss(teacher, student, loss_mask, cfg, sampled):
             mean = sum(rg) / G
             std = math.sqrt(sum((x - mean) ** 2 for x in rg) / (G - 1))
             adv = [(x - mean) / (std + cfg.eps) for x in rg]
-            pg_tok = -sum(a * lp for a, lp in zip(adv, logpi)) / G
+            pg_tok = -sum(a * lp for a, lp in zip(adv, logpi)) / (G if cfg.pg_rollout_reduction == "mean" else 1)
             # backbone, entropy, kl
             sg = student.gate_logits[:, bi, si].tolist()
             ls = [1 / (1 + math.exp(-x)) for x in sg]
@@ -234,10 +271,12 @@ def _reference_loss(teacher, student, loss_mask, cfg, sampled):
     return total, n_hard
 
 
-def test_full_loss_matches_token_by_token_reference():
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_full_loss_matches_token_by_token_reference(reduction):
     teacher, student = _inputs(seed=11)
     cfg = LoopRPTConfig(num_rollouts=G, hard_token_ratio=0.5, time_penalty=0.1,
-                        time_penalty_scale=1.0, reward_scale=1.5, entropy_coef=0.1, kl_coef=0.2)
+                        time_penalty_scale=1.0, reward_scale=1.5, entropy_coef=0.1, kl_coef=0.2,
+                        pg_rollout_reduction=reduction)
     loss_mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
     loss, m = looprpt_loss(teacher, student, loss_mask, V, cfg, _uniforms(3))
     rollout_gates = student.rollout_gate_logits.detach().transpose(0, 1)
@@ -287,6 +326,61 @@ def test_backbone_and_kl_terms_send_no_gradient_into_the_gate():
     cfg = LoopRPTConfig(num_rollouts=G, pg_coef=0.0, model_coef=0.0, entropy_coef=1.0, kl_coef=0.0)
     looprpt_loss(teacher, student, torch.ones(B, S), V, cfg, _uniforms(0))[0].backward()
     assert student.gate_logits.grad.abs().sum() > 0
+
+
+def test_mean_over_rollouts_is_the_sum_divided_by_their_number():
+    results = {}
+    for reduction in ("sum", "mean"):
+        teacher, student = _inputs(seed=16)
+        cfg = LoopRPTConfig(num_rollouts=G, kl_coef=0.1, pg_rollout_reduction=reduction)
+        loss, m = looprpt_loss(teacher, student, torch.ones(B, S), V, cfg, _uniforms(4))
+        loss.backward()
+        results[reduction] = (m, student)
+    (m_sum, s_sum), (m_mean, s_mean) = results["sum"], results["mean"]
+    assert m_sum["pg_loss"].abs() > 0
+    torch.testing.assert_close(m_sum["pg_loss"], G * m_mean["pg_loss"], rtol=1e-12, atol=0)
+    torch.testing.assert_close(s_sum.rollout_gate_logits.grad, G * s_mean.rollout_gate_logits.grad,
+                               rtol=1e-12, atol=0)
+    for name in ("model_loss", "kl_loss", "entropy"):
+        assert torch.equal(m_sum[name], m_mean[name]), name
+    assert torch.equal(s_sum.logp.grad, s_mean.logp.grad)
+
+
+def test_teacher_baseline_and_reference_step_cancel_from_the_advantages():
+    # b and t_ref are constant over a token's steps and rollouts: shifting the teacher's
+    # log-probs per token, or moving t_ref while the difficulty stays put, leaves the policy and
+    # backbone terms and every student gradient as they were; only the KL (and the reported,
+    # unnormalised reward) see it
+    g = torch.Generator().manual_seed(17)
+    teacher, _ = _inputs(seed=17, requires_grad=False)
+    flat_entropy = teacher.entropy[-1:].expand(T, B, S)   # the same at every step: d ignores t_ref
+    shift = 3.0 * torch.randn(1, B, S, generator=g, dtype=DT)
+    variants = {
+        "as is": (TeacherOutputs(teacher.logp, teacher.gate_logits, flat_entropy), 0.5),
+        "shifted": (TeacherOutputs(teacher.logp + shift, teacher.gate_logits, flat_entropy), 0.5),
+        "other t_ref": (TeacherOutputs(teacher.logp, teacher.gate_logits, flat_entropy), 0.9),
+    }
+    t_refs = {q: reference_step(exit_distribution(teacher.gate_logits), q) for q in (0.5, 0.9)}
+    assert not torch.equal(t_refs[0.5], t_refs[0.9])
+    out = {}
+    for name, (variant, threshold) in variants.items():
+        _, student = _inputs(seed=18)
+        cfg = LoopRPTConfig(num_rollouts=G, reference_threshold=threshold, hard_token_ratio=0.5,
+                            entropy_coef=0.1, kl_coef=0.0)
+        loss, m = looprpt_loss(variant, student, torch.ones(B, S), V, cfg, _uniforms(5))
+        loss.backward()
+        kl = looprpt_loss(variant, student, torch.ones(B, S), V, cfg, _uniforms(5))[1]["kl_loss"]
+        out[name] = (m, [student.logp.grad, student.gate_logits.grad, student.rollout_gate_logits.grad], kl)
+    m0, grads0, kl0 = out["as is"]
+    assert m0["pg_loss"].abs() > 1e-3 and m0["model_loss"] > 0
+    for name in ("shifted", "other t_ref"):
+        m, grads, kl = out[name]
+        for term in ("pg_loss", "model_loss"):
+            torch.testing.assert_close(m[term], m0[term], rtol=1e-9, atol=1e-12)
+        for got, expected in zip(grads, grads0):
+            torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)
+        assert not torch.isclose(m["reward_mean"], m0["reward_mean"])
+    assert not torch.isclose(out["shifted"][2], kl0)
 
 
 def test_loss_finite_metrics_and_normalizer_scaling():

@@ -3,9 +3,10 @@ teacher's memory per rank.
 
 Both iterations run the full megatron path (pipeline schedule, DDP, optimizer step); the
 LoopRPT one adds the EMA teacher's forward pass, the rollouts (gate re-evaluated on G noisy
-latents of the student's single forward pass) and the EMA update. They alternate over repeated
-trials in one process and the medians are compared. The floor is the LM iteration plus one
-teacher forward pass (no backward, no head recomputation).
+latents of the student's single forward pass, block by block under activation checkpoints, with
+the policy gradient flowing back through the latents into the backbone: LoopRPT's defaults) and
+the EMA update. They alternate over repeated trials in one process and the medians are compared.
+The floor is the LM iteration plus one teacher forward pass (no backward, no head recomputation).
 
     python tools/bench_looprpt.py [--loop-steps 4 --rl-num-rollouts 8 ...]
 """

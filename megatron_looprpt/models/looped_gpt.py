@@ -51,10 +51,10 @@ class HeadRequest:
     # always computed. Inference that exits at a fixed step, and benchmarks that compare the
     # looped block with an unshared stack, run the output layer once.
     vocab_steps: Optional[tuple] = None
-    # Noisy latent rollouts (LoopRPT): called as rollout_noise(step, latent, seq_offset,
-    # seq_length) with the detached local latent [s_local, b, h] (this rank's slice starting at
-    # seq_offset of a sequence of seq_length), it returns G perturbed copies [G, s_local, b, h];
-    # the gate is recomputed on each.
+    # Noisy latent rollouts (LoopRPT): called as rollout_noise(step, latent, exit_gate,
+    # seq_offset) with the local latent [s_local, b, h] (this rank's slice, starting at position
+    # seq_offset; with its graph, so that a policy gradient can reach the backbone), it returns
+    # the gate logits of G perturbed copies, [G, s_local, b].
     rollout_noise: Optional[Callable] = None
 
 
@@ -238,10 +238,8 @@ class LoopedGPTModel(LanguageModule):
     def _step_head(self, hidden, labels_sb, head: HeadRequest, step: int) -> StepOutput:
         result = StepOutput(gate_logits=self._gate_full_sequence(hidden, step).transpose(0, 1))
         if head.rollout_noise is not None:
-            # The policy is the exit gate: rollouts train it, not the latents they perturb.
-            offset, seq_length = self._sequence_slice(hidden)
-            noisy = head.rollout_noise(step, hidden.detach(), offset, seq_length)
-            result.rollout_gate_logits = self._gate_full_sequence(noisy, step).transpose(-1, -2)
+            rollout_logits = head.rollout_noise(step, hidden, self.exit_gate, self._sequence_offset(hidden))
+            result.rollout_gate_logits = self._gather_sequence(rollout_logits).transpose(-1, -2)
         if head.hidden:
             result.hidden = hidden
         vocab_outputs = self._vocab_outputs(labels_sb, head)
@@ -257,9 +255,11 @@ class LoopedGPTModel(LanguageModule):
         return result
 
     def _gate_full_sequence(self, hidden: torch.Tensor, step: int) -> torch.Tensor:
-        """Gate logits [..., s, b] after loop step ``step`` over the whole sequence (gathered
-        under SP)."""
-        gate_logits = self.exit_gate(hidden, step)
+        """Gate logits [s, b] after loop step ``step`` over the whole sequence (gathered under SP)."""
+        return self._gather_sequence(self.exit_gate(hidden, step))
+
+    def _gather_sequence(self, gate_logits: torch.Tensor) -> torch.Tensor:
+        """Gate logits [..., s_local, b] -> [..., s, b]: SP splits the sequence."""
         if not self.config.sequence_parallel:
             return gate_logits
         seq_dim = gate_logits.dim() - 2
@@ -268,14 +268,13 @@ class LoopedGPTModel(LanguageModule):
         gate_logits = gather_from_sequence_parallel_region(gate_logits, tensor_parallel_output_grad=False)
         return gate_logits.movedim(0, seq_dim) if seq_dim else gate_logits
 
-    def _sequence_slice(self, hidden: torch.Tensor) -> tuple:
-        """(offset of this rank's first position, full sequence length): SP splits the sequence."""
+    def _sequence_offset(self, hidden: torch.Tensor) -> int:
+        """Position of this rank's first latent in the sequence: SP splits the sequence."""
         if not self.config.sequence_parallel:
-            return 0, hidden.shape[0]
+            return 0
         from megatron.core import parallel_state
 
-        tp = parallel_state.get_tensor_model_parallel_world_size()
-        return parallel_state.get_tensor_model_parallel_rank() * hidden.shape[0], tp * hidden.shape[0]
+        return parallel_state.get_tensor_model_parallel_rank() * hidden.shape[0]
 
     @staticmethod
     def _vocab_outputs(labels_sb, head: HeadRequest) -> tuple:

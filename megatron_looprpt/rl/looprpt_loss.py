@@ -3,33 +3,26 @@
 Per micro-batch, with tensors shaped [T, b, s] (loop steps first) unless noted:
 
 1. The EMA teacher's exit distribution gives a reference step t_ref (first step whose exit CDF
-   reaches ``exit_threshold``), a baseline b = teacher log-prob of the gold token at t_ref and a
-   difficulty d = H_teacher(t_ref) / log V in [0, 1].
-2. Hard tokens: per sequence, the valid positions whose teacher last-step entropy is in the top
-   ``hard_token_ratio``. Every term below is summed over hard tokens only.
+   reaches ``reference_threshold``), a baseline b = teacher log-prob of the gold token at t_ref
+   and a difficulty d = H_teacher(t_ref) / log V in [0, 1].
+2. Hard tokens: per sequence, the valid positions of highest teacher last-step entropy, a
+   ``hard_token_ratio`` of them, ranked in a way every parallel layout reproduces (see
+   ``hard_token_mask``). Every term below is summed over hard tokens only.
 3. Step reward r_t = ((s_logp_t - b) - lam * (t - t_ref)) * reward_scale with
    lam = time_penalty * (1 + time_penalty_scale * (1 - d)): a step earns what it gains over the
    teacher's reference and pays for every step past t_ref (and is credited for steps before it).
 4. Noisy latent rollouts: each of G rollouts samples an exit step from its own exit distribution;
-   its reward is r at that step; GRPO advantages over G drive log pi_g(step) (policy loss on the
-   exit gate, mean over g).
+   its reward is r at that step; GRPO advantages over G drive log pi_g(step) (policy loss summed
+   over g, or averaged with ``pg_rollout_reduction="mean"``).
 5. Backbone loss sum_t p(t) * CE_t * (1 + relu(Ahat_t)) with Ahat_t the reward normalised over
    the T steps, an entropy bonus on the student's exit distribution and a k3 KL to the teacher on
    the gold token weighted by p(t).
 
-Steps are 0-based inside (t = 0..T-1); rewards only use the difference t - t_ref, so the choice
-does not change them. Reported step metrics are 1-based.
+b and t_ref are the same for all of a token's steps and rollouts, so they cancel from both
+normalised advantages: the teacher reaches the gradients only through d (which sets lam) and the
+KL. Steps are 0-based inside (t = 0..T-1); reported step metrics are 1-based.
 
-Differences from the authors' trainer (the RLPTrainer.compute_loss/calculate_gate_stats code
-published with the paper), on purpose:
-- log pi_g is read from the exit distribution computed in log space instead of log(p + 1e-8);
-- the exit step is sampled by inverse CDF with uniforms from a caller-supplied generator (they use
-  torch.multinomial), so a sample depends on the generator state and the probabilities only;
-- a hard token is one whose entropy is >= the row quantile (they use >, which can select nothing
-  when a row's entropies tie), so every row with valid tokens keeps at least one;
-- the KL is their "backbone" variant (clean student per-step log-probs, weighted by the detached
-  exit probabilities); their other variant uses the noisy rollouts' per-step log-probs, which the
-  model does not hand to this loss.
+docs/looprpt.md lists every difference from the authors' trainer, with its reason.
 """
 
 from __future__ import annotations
@@ -48,18 +41,21 @@ from megatron_looprpt.models.exit_gate import q_exit_steps as reference_step
 
 __all__ = [
     "LoopRPTConfig", "TeacherOutputs", "StudentOutputs", "exit_distribution",
-    "exit_log_distribution", "exit_entropy", "reference_step", "difficulty", "hard_token_mask",
+    "exit_log_distribution", "exit_entropy", "reference_step", "difficulty", "hard_token_count",
+    "hard_token_mask",
     "step_rewards", "sample_exit_steps", "grpo_advantages", "k3_kl", "looprpt_loss",
 ]
 
 
 @dataclass(frozen=True)
 class LoopRPTConfig:
-    """Defaults follow the authors' released training configuration."""
+    """Defaults follow the authors' released configuration (docs/looprpt.md)."""
 
-    exit_threshold: float = 0.5       # q: CDF level that defines the teacher's reference step
+    reference_threshold: float = 0.5  # CDF level of the teacher's exit distribution that is t_ref
+    exit_threshold: float = 0.9       # Q-exit's, for the reported Q-exit steps only
     hard_token_ratio: float = 0.2     # fraction of valid tokens per sequence trained on
     num_rollouts: int = 8             # G noisy latent rollouts
+    pg_rollout_reduction: str = "sum"  # over the G rollouts: "sum" or "mean"
     reward_scale: float = 1.0
     time_penalty: float = 0.02        # lam_base
     time_penalty_scale: float = 0.5   # lam_scale: easy tokens pay up to (1 + scale) x lam_base
@@ -71,8 +67,11 @@ class LoopRPTConfig:
     eps: float = 1e-8                 # in the advantage normalisations
 
     def __post_init__(self):
-        if not 0.0 < self.exit_threshold <= 1.0:
-            raise ValueError(f"exit_threshold must be in (0, 1], got {self.exit_threshold}")
+        for name in ("reference_threshold", "exit_threshold"):
+            if not 0.0 < getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in (0, 1], got {getattr(self, name)}")
+        if self.pg_rollout_reduction not in ("sum", "mean"):
+            raise ValueError(f"pg_rollout_reduction must be sum or mean, got {self.pg_rollout_reduction!r}")
         if not 0.0 < self.hard_token_ratio <= 1.0:
             raise ValueError(f"hard_token_ratio must be in (0, 1], got {self.hard_token_ratio}")
         if self.num_rollouts < 2:
@@ -111,20 +110,44 @@ def difficulty(entropy_at_ref: torch.Tensor, vocab_size: int) -> torch.Tensor:
     return (entropy_at_ref / math.log(vocab_size)).clamp(0.0, 1.0)
 
 
+# Width of the entropy levels that hard tokens are ranked by, in nats (docs/looprpt.md, "Hard
+# tokens"): wider than the spread of an untrained model's entropies within a sequence, so that
+# such a sequence is one level on every layout, and narrow enough that within a trained one only
+# tokens this close to the cut are ordered by position rather than by entropy.
+ENTROPY_LEVEL = 2.0 ** -6
+_MAX_LEVEL = 2 ** 20          # keeps level * 2**32 + scramble inside int64
+# Knuth's multiplicative hash: an odd multiplier permutes positions modulo 2**32.
+_SCRAMBLE = 2654435761
+
+
+def hard_token_count(num_valid: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Hard tokens of a sequence with ``num_valid`` valid ones: as many as lie at or above the
+    linearly interpolated (1 - ratio) quantile of distinct values, n - ceil((1 - ratio)(n - 1)),
+    at least one whenever n >= 1. The tolerance keeps a product that is a whole number in exact
+    arithmetic from rounding up past it."""
+    n = num_valid.to(torch.float64)
+    return (n - torch.ceil((1.0 - ratio) * (n - 1.0) - 1e-9)).clamp_min(0.0).to(torch.long)
+
+
 def hard_token_mask(last_step_entropy: torch.Tensor, loss_mask: torch.Tensor,
                     ratio: float) -> torch.Tensor:
-    """[b, s] bool: valid positions with entropy >= their sequence's (1 - ratio) quantile.
+    """[b, s] bool: per sequence, the ``hard_token_count`` valid positions of highest entropy.
 
-    The quantile is taken over each sequence's valid positions only (invalid ones are NaN for
-    nanquantile) and capped at the row maximum so that rounding in the interpolation can never
-    leave a sequence with valid tokens without a hard one.
+    Entropies are compared in levels of ENTROPY_LEVEL below the sequence's largest one, and
+    positions of one level in a fixed scrambled order of their index. A layout whose entropies
+    differ from another's by round-off then picks the same tokens unless a token lies within
+    that round-off of a level edge; in particular an untrained model's sequence, whose
+    entropies all lie within one level of its largest, is ordered by position alone.
     """
     valid = loss_mask.bool()
-    entropy = _f32(last_step_entropy.detach())
-    threshold = torch.nanquantile(entropy.masked_fill(~valid, float("nan")), 1.0 - ratio,
-                                  dim=-1, keepdim=True)
+    entropy = last_step_entropy.detach().double()
     row_max = entropy.masked_fill(~valid, float("-inf")).amax(dim=-1, keepdim=True)
-    return valid & (entropy >= torch.minimum(threshold, row_max))
+    level = torch.floor((row_max - entropy) / ENTROPY_LEVEL).clamp(0, _MAX_LEVEL).to(torch.long)
+    positions = torch.arange(entropy.shape[-1], device=entropy.device, dtype=torch.long)
+    key = level * 2 ** 32 + (positions * _SCRAMBLE) % 2 ** 32
+    key = key.masked_fill(~valid, torch.iinfo(torch.long).max)
+    rank = torch.argsort(torch.argsort(key, dim=-1), dim=-1)
+    return valid & (rank < hard_token_count(valid.sum(dim=-1, keepdim=True), ratio))
 
 
 def step_rewards(s_logp_detached: torch.Tensor, baseline: torch.Tensor, t_ref: torch.Tensor,
@@ -191,7 +214,7 @@ def looprpt_loss(teacher: TeacherOutputs, student: StudentOutputs, loss_mask: to
     # Teacher side: a fixed reference, never differentiated.
     t_logp = _f32(teacher.logp.detach())
     t_exit = exit_distribution(_f32(teacher.gate_logits.detach()))
-    t_ref = reference_step(t_exit, cfg.exit_threshold)                             # [b, s]
+    t_ref = reference_step(t_exit, cfg.reference_threshold)                        # [b, s]
     baseline = t_logp.gather(0, t_ref.unsqueeze(0)).squeeze(0)
     entropy_at_ref = _f32(teacher.entropy.detach()).gather(0, t_ref.unsqueeze(0)).squeeze(0)
     d = difficulty(entropy_at_ref, vocab_size)
@@ -206,14 +229,16 @@ def looprpt_loss(teacher: TeacherOutputs, student: StudentOutputs, loss_mask: to
     s_logp = _f32(student.logp)
     rewards = step_rewards(s_logp.detach(), baseline, t_ref, d, cfg)               # [T, b, s]
 
-    # Noisy latent rollouts -> policy gradient on the exit gate.
+    # Noisy latent rollouts -> policy gradient through their gates (and latents, unless gate-only).
     rollout_log_p = exit_log_distribution(_f32(student.rollout_gate_logits).transpose(0, 1))
     rollout_log_p = rollout_log_p.transpose(0, 1)                                  # [G, T, b, s]
     sampled = sample_exit_steps(rollout_log_p.detach().exp(), uniforms)            # [G, b, s]
     log_pi = rollout_log_p.gather(1, sampled.unsqueeze(1)).squeeze(1)              # [G, b, s]
     rollout_rewards = rewards.gather(0, sampled)                                   # [G, b, s]
     advantages = grpo_advantages(rollout_rewards, cfg.eps)
-    pg_tok = -(advantages.detach() * log_pi).mean(dim=0)
+    pg_tok = -(advantages.detach() * log_pi).sum(dim=0)
+    if cfg.pg_rollout_reduction == "mean":
+        pg_tok = pg_tok / num_rollouts
 
     # Backbone: exit-weighted CE, up-weighted at steps whose reward beats the other steps'.
     s_exit = exit_distribution(_f32(student.gate_logits))                         # [T, b, s]

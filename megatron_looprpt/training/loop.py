@@ -112,14 +112,15 @@ class LoopRPTRun:
         self.args, self.pm, self.vocab_size = args, pm, vocab_size
         self.teacher = EMATeacher(cfg, pm, seed=args.seed)
         self.cfg = LoopRPTConfig(
-            exit_threshold=args.exit_threshold, hard_token_ratio=args.rl_hard_token_ratio,
-            num_rollouts=args.rl_num_rollouts, reward_scale=args.rl_reward_scale,
+            reference_threshold=args.rl_reference_threshold, exit_threshold=args.exit_threshold,
+            hard_token_ratio=args.rl_hard_token_ratio, num_rollouts=args.rl_num_rollouts,
+            pg_rollout_reduction=args.rl_pg_rollout_reduction, reward_scale=args.rl_reward_scale,
             time_penalty=args.rl_time_penalty, time_penalty_scale=args.rl_time_penalty_scale,
             pg_coef=args.rl_pg_coef, model_coef=args.rl_model_coef,
             entropy_coef=args.rl_entropy_coef, kl_coef=args.rl_kl_coef,
         )
         self.rollout = RolloutConfig(noise_std=args.rl_latent_noise_std, noise_type=args.rl_noise_type,
-                                     seed=args.seed)
+                                     seed=args.seed, gate_only=args.rl_pg_gate_only)
 
     def step(self, optimizer, scheduler, batches):
         return looprpt_train_step(self.pm, optimizer, scheduler, self.teacher, batches, self.cfg,
