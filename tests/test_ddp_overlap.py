@@ -3,6 +3,7 @@ same losses, gradients and weights, with weights used T times (loop steps) under
 
 import pytest
 
+from tests.test_cli import corpus, flags, launch, records  # noqa: F401  (corpus: a fixture)
 from tests.torchrun import run_json
 
 
@@ -51,3 +52,20 @@ def test_overlapped_reduce_scatter_and_parameter_gather_equal_the_synchronous_on
             assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
             assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-6)
             assert a["params"] == pytest.approx(b["params"], rel=1e-6, abs=1e-7)
+
+
+@pytest.mark.slow
+def test_resume_with_the_parameter_gather_overlapped_reproduces_the_uninterrupted_run(corpus, tmp_path):
+    # DP=2 with the distributed optimizer: the overlapped gather is on by default, so after a
+    # step each rank holds only its own shard of the new weights until the next forward pass;
+    # a checkpoint saved then must wait for the rest (PipelinedModel.sync_params)
+    common = ["--use-distributed-optimizer", "--ddp-bucket-size", "20000"]
+    full, resumed, ckpt = tmp_path / "full.jsonl", tmp_path / "resumed.jsonl", str(tmp_path / "ckpt")
+    launch(2, flags(corpus, "--train-iters", "4", "--log-json", str(full), *common))
+    launch(2, flags(corpus, "--train-iters", "2", "--save", ckpt, "--log-json", str(resumed), *common))
+    launch(2, flags(corpus, "--train-iters", "4", "--load", ckpt, "--log-json", str(resumed), *common))
+    expected, _ = records(full)
+    got, _ = records(resumed)
+    assert [r["iteration"] for r in got] == [1, 2, 3, 4]
+    for e, g in zip(expected, got):
+        assert e["lm_loss"] == g["lm_loss"] and e["grad_norm"] == g["grad_norm"]

@@ -9,8 +9,8 @@ import sys
 
 from tests.torchrun import ROOT
 
-CHECKS = ["environment", "fp8_weight_refresh", "te_vs_local_parity", "grad_accumulation", "local_without_apex",
-          "fp8_generation", "train_bf16", "train_fp8", "looprpt_vs_lm"]
+CHECKS = ["environment", "fp8_weight_refresh", "te_vs_local_parity", "fusion_parity", "grad_accumulation",
+          "local_without_apex", "fp8_generation", "train_bf16", "train_fp8", "looprpt_vs_lm"]
 
 
 def _run(*args, timeout=900):

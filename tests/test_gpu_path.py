@@ -297,3 +297,66 @@ def test_inference_model_of_an_fp8_checkpoint_is_built_without_fp8(single_proces
     model = load_for_inference(str(tmp_path))
     assert model.pm.model.config.fp8 is None
     assert model.args.fp8_format is None and model.args.fp8_recipe is None
+
+
+# -- the flags -------------------------------------------------------------------------------------
+
+MOCK = ["--model-size", "tiny", "--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "512"]
+FP8 = ["--bf16", "--transformer-impl", "transformer_engine", "--fp8-format", "hybrid"]
+
+
+def _error(argv, monkeypatch, te_version=(2, 8, 0), world_size=1):
+    from megatron_looprpt import arguments
+
+    monkeypatch.setattr(arguments, "_te_available", lambda: True)
+    monkeypatch.setattr(arguments, "_te_version", lambda: te_version)
+    with pytest.raises(arguments.ConfigError) as info:
+        arguments.parse_args([*MOCK, *argv], world_size=world_size)
+    assert "\n" not in str(info.value)
+    return str(info.value)
+
+
+@pytest.mark.parametrize("argv, te_version, flag", [
+    (["--fp8-margin", "1"], (2, 8, 0), "--fp8-margin applies to FP8 training"),
+    (["--fp8-recipe", "delayed"], (2, 8, 0), "--fp8-recipe applies to FP8 training"),
+    ([*FP8, "--fp8-recipe", "tensorwise", "--fp8-amax-history-len", "16"], (2, 8, 0),
+     "--fp8-amax-history-len applies to --fp8-recipe delayed"),
+    ([*FP8, "--fp8-recipe", "tensorwise"], (2, 1, 0), "--fp8-recipe tensorwise needs Transformer Engine >= 2.2"),
+    ([*FP8, "--fp8-recipe", "blockwise"], (2, 2, 0), "--fp8-recipe blockwise needs Transformer Engine >= 2.3"),
+    ([*FP8, "--fp8-amax-history-len", "0"], (2, 8, 0), "--fp8-amax-history-len must be >= 1"),
+    (["--overlap-param-gather"], (2, 8, 0), "--overlap-param-gather needs --use-distributed-optimizer"),
+    (["--overlap-param-gather", "--use-distributed-optimizer", "--rl-algo", "looprpt"], (2, 8, 0),
+     "--overlap-param-gather: --rl-algo looprpt"),
+    (["--ddp-bucket-size", "0"], (2, 8, 0), "--ddp-bucket-size"),
+    (["--num-workers", "-1"], (2, 8, 0), "--num-workers"),
+])
+def test_gpu_flags_refuse_what_cannot_apply(argv, te_version, flag, monkeypatch):
+    assert flag in _error(argv, monkeypatch, te_version)
+
+
+def test_gpu_flag_defaults(monkeypatch):
+    from megatron_looprpt import arguments
+
+    monkeypatch.setattr(arguments, "_te_available", lambda: True)
+    monkeypatch.setattr(arguments, "_te_version", lambda: (2, 3, 0))
+    plain = arguments.parse_args(MOCK, world_size=1)
+    assert (plain.fp8_recipe, plain.fp8_margin, plain.overlap_grad_reduce, plain.overlap_param_gather) == \
+           (None, None, True, False)
+    assert (plain.masked_softmax_fusion, plain.bias_swiglu_fusion, plain.apply_rope_fusion,
+            plain.gradient_accumulation_fusion) == (True, True, True, True)
+    fp8 = arguments.parse_args([*MOCK, *FP8], world_size=1)
+    assert (fp8.fp8_recipe, fp8.fp8_margin, fp8.fp8_amax_history_len, fp8.fp8_amax_compute_algo) == \
+           ("delayed", 0, 1024, "max")
+    assert arguments.parse_args([*MOCK, *FP8, "--fp8-recipe", "blockwise"], world_size=1).fp8_margin is None
+    distopt = ["--use-distributed-optimizer", "--global-batch-size", "8"]
+    assert arguments.parse_args([*MOCK, *distopt], world_size=2).overlap_param_gather is True
+    assert arguments.parse_args([*MOCK, *distopt, "--rl-algo", "looprpt"], world_size=2).overlap_param_gather is False
+    assert arguments.parse_args([*MOCK, *distopt, "--no-overlap-param-gather"], world_size=2).overlap_param_gather is False
+
+
+def test_te_version_is_read_without_importing_it():
+    from megatron_looprpt.arguments import _leading_numbers
+
+    assert _leading_numbers("2.3.0.dev0+abc123") == (2, 3, 0)
+    assert _leading_numbers("2.10.1") == (2, 10, 1) > (2, 3)
+    assert _leading_numbers("1.13.0+cu12") == (1, 13, 0) < (2, 2)

@@ -10,6 +10,8 @@ Checks, in this order (one GPU means PP=1; the loop chunks are built and driven 
                          set_is_first_microbatch, and is missed without it (the PP>1 bug)
   te_vs_local_parity     per-step logits and gate logits of the sandwich spec at an Ouro width,
                          Transformer Engine layers against megatron-core's local layers (bf16)
+  fusion_parity          local layers with the GPU's fused SwiGLU, RoPE (and softmax where apex
+                         is installed) against the unfused kernels
   grad_accumulation      TE's fused weight-gradient accumulation into the fp32 main grads gives
                          the gradients of the unfused path with T uses of each weight
   local_without_apex     local layers train on the GPU whether or not apex's kernels exist
@@ -263,6 +265,42 @@ def check_te_vs_local_parity(plan: Plan) -> dict:
     return figures
 
 
+def check_fusion_parity(plan: Plan) -> dict:
+    import torch
+
+    from megatron_looprpt.models.fusions import FusionRequest
+    from megatron_looprpt.training.setup import build_model
+
+    batch = _batches(plan, 1, plan.parity_seq, seed=8)[0]
+    logits, settings = {}, {}
+    for fused in (True, False):
+        allowed = FusionRequest() if fused else FusionRequest(False, False, False, False)
+        pm = build_model(_config(plan, plan.small_layers, impl="local", fp8=False, seq=plan.parity_seq,
+                                 allowed_fusions=allowed), seed=5, wrap_ddp=False)
+        pm.eval()
+        config = pm.model.config
+        settings[fused] = {name: getattr(config, name) for name in
+                           ("bias_activation_fusion", "apply_rope_fusion", "masked_softmax_fusion")}
+        with torch.no_grad():
+            out = pm.model(batch["tokens"], batch["position_ids"], None, head=_logits_head())
+        logits[fused] = [step.logits.float().cpu() for step in out.steps]
+        del pm, out
+        gc.collect()
+    figures = {"fused": settings[True]}
+    for step, (a, b) in enumerate(zip(logits[False], logits[True])):
+        figures[f"step{step + 1}_logits_rel"] = _rel(a, b)
+        figures[f"step{step + 1}_top1_agreement"] = float((a.argmax(-1) == b.argmax(-1)).float().mean())
+    if plan.dry_run:
+        return figures
+    if not (settings[True]["bias_activation_fusion"] and settings[True]["apply_rope_fusion"]):
+        raise Failed(f"the GPU did not choose the SwiGLU and RoPE fusions: {figures}")
+    worst_rel = max(v for k, v in figures.items() if k.endswith("_rel"))
+    worst_top1 = min(v for k, v in figures.items() if k.endswith("_agreement"))
+    if worst_rel > 0.02 or worst_top1 < 0.97:
+        raise Failed(f"fused and unfused kernels disagree beyond bf16 round-off: {figures}")
+    return figures
+
+
 def _train_once(plan: Plan, cfg, batches, seed: int = 7):
     """One training step of a DDP-wrapped model; returns the model (grads still in its buffers)."""
     from megatron_looprpt.models.loss import ExitLossConfig
@@ -431,6 +469,7 @@ def _checks(plan: Plan, work_dir: str):
         ("environment", lambda: check_environment(plan)),
         ("fp8_weight_refresh", lambda: check_fp8_weight_refresh(plan)),
         ("te_vs_local_parity", lambda: check_te_vs_local_parity(plan)),
+        ("fusion_parity", lambda: check_fusion_parity(plan)),
         ("grad_accumulation", lambda: check_grad_accumulation(plan)),
         ("local_without_apex", lambda: check_local_without_apex(plan)),
         ("fp8_generation", lambda: check_fp8_generation(plan, work_dir)),
