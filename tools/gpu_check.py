@@ -208,10 +208,13 @@ def check_fp8_weight_refresh(plan: Plan) -> dict:
 
     pm.eval()
     run(first_microbatch=True)
-    with torch.no_grad():   # what an optimizer step does: the weights change in place
+    # What an optimizer step does: the weights change in place. Noise, not a scale: Ouro's
+    # sandwich norms would normalise a scaled projection's output back.
+    generator = torch.Generator().manual_seed(4)
+    with torch.no_grad():
         for name, param in model.named_parameters():
-            if name.endswith("linear_fc2.weight"):
-                param.mul_(1.5)
+            if name.endswith(("linear_qkv.weight", "linear_fc1.weight")):
+                param.add_(torch.randn(param.shape, generator=generator).to(param) * param.float().std())
     stale = run(first_microbatch=False)       # a later micro-batch: the cache is meant to be used
     refreshed = run(first_microbatch=True)    # the next step's first micro-batch
     cached = run(first_microbatch=False)      # the cache now holds the changed weights
