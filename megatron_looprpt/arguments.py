@@ -49,6 +49,47 @@ def _te_available() -> bool:
     return importlib.util.find_spec("transformer_engine") is not None
 
 
+# The Transformer Engine version each FP8 recipe needs: megatron-core builds the recipe only
+# from these versions on (fp8_utils.get_fp8_recipe).
+FP8_RECIPE_MIN_TE = {"delayed": (0,), "tensorwise": (2, 2), "blockwise": (2, 3)}
+# Settings of the delayed-scaling recipe, and their defaults (Transformer Engine's own).
+_DELAYED_SCALING = {"fp8_margin": 0, "fp8_amax_history_len": 1024, "fp8_amax_compute_algo": "max"}
+# Every FP8 recipe flag: a run without --fp8-format (inference included) leaves them unset.
+FP8_RECIPE_FLAGS = ("fp8_recipe", *_DELAYED_SCALING)
+
+
+def _te_version() -> Optional[tuple]:
+    """The installed Transformer Engine's version as integers, from its package metadata
+    (importing it would initialise CUDA); None when no distribution says."""
+    from importlib import metadata
+
+    for distribution in ("transformer-engine", "transformer_engine", "transformer-engine-cu12",
+                         "transformer_engine_torch"):
+        try:
+            text = metadata.version(distribution)
+        except metadata.PackageNotFoundError:
+            continue
+        return _leading_numbers(text)
+    return None
+
+
+def _leading_numbers(version: str) -> tuple:
+    """"2.3.0.dev0+abc" -> (2, 3, 0): what the recipe minimums compare against."""
+    numbers = []
+    for part in version.split("."):
+        digits = ""
+        for char in part:
+            if not char.isdigit():
+                break
+            digits += char
+        if not digits:
+            break
+        numbers.append(int(digits))
+        if len(digits) < len(part):
+            break
+    return tuple(numbers)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="pretrain_looprpt.py",
@@ -107,6 +148,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bf16 parameters and activations, fp32 master weights and grad reduction")
     g.add_argument("--fp8-format", choices=["hybrid", "e4m3"], default=None,
                    help="FP8 GEMMs via Transformer Engine (needs --bf16 and --transformer-impl transformer_engine)")
+    g.add_argument("--fp8-recipe", choices=list(FP8_RECIPE_MIN_TE), default=None,
+                   help="megatron-core's FP8 scaling recipe (default delayed; tensorwise needs TE >= 2.2, "
+                        "blockwise TE >= 2.3)")
+    g.add_argument("--fp8-margin", type=int, default=None, help="delayed scaling: scale margin (default 0)")
+    g.add_argument("--fp8-amax-history-len", type=int, default=None,
+                   help="delayed scaling: amax history length (default 1024)")
+    g.add_argument("--fp8-amax-compute-algo", choices=["max", "most_recent"], default=None,
+                   help="delayed scaling: amax from the history's max or its most recent entry (default max)")
+    g.add_argument("--no-masked-softmax-fusion", dest="masked_softmax_fusion", action="store_false",
+                   help="unfused attention softmax (local layers; fused only where apex's kernels are installed)")
+    g.add_argument("--no-bias-swiglu-fusion", dest="bias_swiglu_fusion", action="store_false",
+                   help="unfused SwiGLU (fused on GPU by default)")
+    g.add_argument("--no-rope-fusion", dest="apply_rope_fusion", action="store_false",
+                   help="unfused RoPE (fused on GPU when Transformer Engine is installed)")
+    g.add_argument("--no-gradient-accumulation-fusion", dest="gradient_accumulation_fusion", action="store_false",
+                   help="weight gradients through autograd instead of straight into the fp32 main grads "
+                        "(fused on GPU with Transformer Engine layers, or apex)")
 
     g = p.add_argument_group("optimizer")
     g.add_argument("--lr", type=float, default=3e-4, help="peak learning rate")
@@ -129,6 +187,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="shard activations along the sequence over TP ranks (needs TP > 1)")
     g.add_argument("--use-distributed-optimizer", action="store_true",
                    help="shard optimizer state (and fp32 master weights) over data-parallel ranks")
+    g.add_argument("--overlap-grad-reduce", action=argparse.BooleanOptionalAction, default=True,
+                   help="reduce each gradient bucket during the backward pass, as soon as it is complete (default on)")
+    g.add_argument("--overlap-param-gather", action=argparse.BooleanOptionalAction, default=None,
+                   help="with --use-distributed-optimizer: all-gather the updated weights during the next "
+                        "forward pass (default: on with the distributed optimizer, except --rl-algo looprpt)")
+    g.add_argument("--ddp-bucket-size", type=int, default=None,
+                   help="parameters per gradient bucket (default: megatron-core's, max(4e7, 1e6 x DP))")
 
     g = p.add_argument_group("data")
     g.add_argument("--data-path", nargs="*", default=None,
@@ -146,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "than the tokenizer's (a converted checkpoint's; adopted from --load when not given)")
     g.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
                    help="pad the vocabulary to a multiple of this x TP (Megatron's rule)")
+    g.add_argument("--num-workers", type=int, default=None,
+                   help="data-loader worker processes per rank (default: 2 on a GPU, 0 on the CPU)")
 
     g = p.add_argument_group("checkpoint")
     g.add_argument("--save", default=None, help="checkpoint directory to write (atomically: temp name, then rename)")
@@ -335,6 +402,20 @@ def _validate_parallel(args, world_size: int) -> None:
                  f"--seq-length {args.seq_length} is not divisible by --tensor-model-parallel-size {tp} "
                  "(needed by --sequence-parallel)")
 
+    if args.overlap_param_gather is None:
+        # LoopRPT's EMA update reads every student weight right after the optimizer step,
+        # before a forward pass would have gathered them
+        args.overlap_param_gather = args.use_distributed_optimizer and args.rl_algo != "looprpt"
+    elif args.overlap_param_gather:
+        _require(args.use_distributed_optimizer,
+                 "--overlap-param-gather needs --use-distributed-optimizer (without it every rank "
+                 "updates all of its weights and there is nothing to gather)")
+        _require(args.rl_algo != "looprpt",
+                 "--overlap-param-gather: --rl-algo looprpt's EMA update reads the weights right after "
+                 "each step, before the next forward pass gathers them; use --no-overlap-param-gather")
+    _require(args.ddp_bucket_size is None or args.ddp_bucket_size >= 1,
+             f"--ddp-bucket-size must be >= 1, got {args.ddp_bucket_size}")
+
     dp = world_size // (tp * pp)
     args.data_parallel_size = dp
     per_microbatch_round = args.micro_batch_size * dp
@@ -375,7 +456,33 @@ def _validate_precision(args) -> None:
     if args.transformer_impl == "transformer_engine":
         _require(_te_available(), "--transformer-impl transformer_engine: Transformer Engine is not installed "
                                   "(pip install -e .[gpu]), or pass --transformer-impl local")
+    _validate_fp8_recipe(args)
     args.params_dtype = "bfloat16" if args.bf16 else "float32"
+
+
+def _validate_fp8_recipe(args) -> None:
+    given = [name for name in FP8_RECIPE_FLAGS if getattr(args, name) is not None]
+    if args.fp8_format is None:
+        if given:
+            raise ConfigError(f"{_flag(given[0])} applies to FP8 training: add --fp8-format or drop it")
+        return
+    if args.fp8_recipe is None:
+        args.fp8_recipe = "delayed"
+    if args.fp8_recipe != "delayed":
+        for name in _DELAYED_SCALING:
+            _require(name not in given,
+                     f"{_flag(name)} applies to --fp8-recipe delayed, not {args.fp8_recipe}: drop it")
+    else:
+        for name, default in _DELAYED_SCALING.items():
+            if getattr(args, name) is None:
+                setattr(args, name, default)
+        _require(args.fp8_margin >= 0, f"--fp8-margin must be >= 0, got {args.fp8_margin}")
+        _require(args.fp8_amax_history_len >= 1,
+                 f"--fp8-amax-history-len must be >= 1, got {args.fp8_amax_history_len}")
+    needed, installed = FP8_RECIPE_MIN_TE[args.fp8_recipe], _te_version()
+    _require(installed is None or installed >= needed,
+             f"--fp8-recipe {args.fp8_recipe} needs Transformer Engine >= {'.'.join(map(str, needed))}, "
+             f"installed {'.'.join(map(str, installed or ()))}: upgrade it or use --fp8-recipe delayed")
 
 
 def _validate_rl(args) -> None:
@@ -452,6 +559,8 @@ def _validate_data(args) -> None:
         _require(os.path.isfile(args.tokenizer_model),
                  f"--tokenizer-model {args.tokenizer_model} does not exist "
                  "(train one with tools/train_tokenizer.py)")
+    _require(args.num_workers is None or args.num_workers >= 0,
+             f"--num-workers must be >= 0, got {args.num_workers}")
     _require(args.make_vocab_size_divisible_by >= 1,
              f"--make-vocab-size-divisible-by must be >= 1, got {args.make_vocab_size_divisible_by}")
     _validate_split(args.split)

@@ -211,7 +211,9 @@ def _import_megatron_modules():
     import megatron.core.dist_checkpointing  # noqa: F401
     import megatron.core.distributed  # noqa: F401
     import megatron.core.distributed.finalize_model_grads  # noqa: F401
+    import megatron.core.inference.contexts  # noqa: F401
     import megatron.core.models.gpt  # noqa: F401
+    import megatron.core.models.gpt.gpt_layer_specs  # noqa: F401  (attention, MLP: their KV-cache buffers)
     import megatron.core.optimizer  # noqa: F401
     import megatron.core.optimizer_param_scheduler  # noqa: F401
     import megatron.core.pipeline_parallel  # noqa: F401

@@ -10,9 +10,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-
-def use_cuda() -> bool:
-    return torch.cuda.is_available() and os.environ.get("LOOPRPT_FORCE_CPU", "0") != "1"
+from megatron_looprpt.device import compute_device, use_cuda
 
 
 def initialize(tensor_parallel: int = 1, pipeline_parallel: int = 1, seed: int = 1234,
@@ -31,13 +29,11 @@ def initialize(tensor_parallel: int = 1, pipeline_parallel: int = 1, seed: int =
             # this process starts (torchrun jobs, tools) do not inherit a port it holds.
             dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{_free_port()}",
                                     rank=0, world_size=1, timeout=timeout)
-    if use_cuda():
-        device = torch.device("cuda", torch.cuda.current_device())
-    else:
+    device = compute_device()
+    if device.type == "cpu":
         from megatron_looprpt import cpu_bridge
 
         cpu_bridge.install()
-        device = torch.device("cpu")
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=tensor_parallel,

@@ -462,15 +462,18 @@ def build_data_iterator(
     dp_size: int,
     consumed_samples: int = 0,
     num_workers: int = 0,
+    pin_memory: bool = False,
 ) -> Optional[Iterator[Dict[str, torch.Tensor]]]:
     """Iterator of collated micro-batches (batch dim first) for this data-parallel rank, or None
-    when ``dataset`` is None (a split that was not built)."""
+    when ``dataset`` is None (a split that was not built). ``num_workers`` processes build the
+    micro-batches ahead of use (the order is the sampler's either way); ``pin_memory`` puts them
+    in page-locked memory, from which a host-to-device copy does not block the host."""
     if dataset is None:
         return None
     sampler = PretrainingSampler(len(dataset), consumed_samples, micro_batch_size, dp_rank,
                                  dp_size)
     loader = torch.utils.data.DataLoader(_WithSampleIds(dataset), batch_sampler=sampler,
-                                         num_workers=num_workers)
+                                         num_workers=num_workers, pin_memory=pin_memory)
     return iter(loader)
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from megatron_looprpt import parallel
-from megatron_looprpt.arguments import ConfigError, validate_args
+from megatron_looprpt.arguments import FP8_RECIPE_FLAGS, ConfigError, validate_args
 from megatron_looprpt.data.tokenizers import Tokenizer, build_tokenizer, model_vocab_size
 from megatron_looprpt.training import checkpointing
 from megatron_looprpt.training.loop import model_config
@@ -36,6 +36,9 @@ def load_for_inference(load_dir: str, tensor_parallel: int = 1, pipeline_paralle
     args.update(load=None, save=None, mock_data=True, sequence_parallel=False,
                 micro_batch_size=1, global_batch_size=pipeline_parallel,
                 tensor_model_parallel_size=tensor_parallel, pipeline_model_parallel_size=pipeline_parallel)
+    # Decoding feeds batch x 1 tokens, which FP8 GEMMs refuse (Transformer Engine asserts token
+    # counts in multiples of 8/16): an FP8-trained model's bf16 weights run with bf16 GEMMs.
+    args.update(fp8_format=None, **{name: None for name in FP8_RECIPE_FLAGS})
     if tokenizer_model is not None:
         args["tokenizer_model"] = tokenizer_model
     args = argparse.Namespace(**args)

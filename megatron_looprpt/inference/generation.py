@@ -10,18 +10,23 @@ Prompts of different lengths are generated as Megatron-LM does with a static cac
 prompt's length is processed at once (prefill), then one position at a time for the whole batch,
 where a row still inside its prompt keeps its prompt token instead of the sampled one. Every
 tensor-parallel rank computes the full (gathered) logits and samples with the same seeded CPU
-generators (one per row), so all ranks agree on every token without communication. Under pipeline parallelism
+generators (one per row), so all ranks agree on every token without communication. The
+sampling maths runs where the logits are; only each row's uniform goes to the device and only
+its pick (token, log-probability, exit step) comes back, not the [b, V] logits. Under pipeline parallelism
 each pass runs through megatron-core's (interleaved) schedule, forward only, with the rows split
 into PP micro-batches; the last stage samples and broadcasts the tokens to the other stages. The next token is read from
 the logits of one loop step (``exit_step``, default the last), or per token by Q-exit at
 ``exit_threshold`` as Ouro's ``early_exit_threshold`` does; every step runs regardless, since
-later positions attend to every step's cache.
+later positions attend to every step's cache. A model trained with FP8 decodes with bf16 GEMMs:
+Transformer Engine's FP8 GEMMs need token counts in multiples of 8/16, and decoding has b.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence
+
+import contextlib
 
 import torch
 import torch.distributed as dist
@@ -88,11 +93,10 @@ def _full_logits(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
 
 def sample(logits: torch.Tensor, cfg: SamplingConfig, generators: Sequence[torch.Generator],
            drawing: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Next tokens [b] from logits [b, V] (temperature, then nucleus). Row r draws one uniform
-    from its own CPU generator, and only where ``drawing[r]`` (default: every row): a row still
-    inside its prompt draws nothing, so its samples depend neither on the rows batched with it
-    (their prompt lengths, the pipeline's padding) nor on the device."""
-    logits = logits.cpu()
+    """Next tokens [b] (on the logits' device) from logits [b, V] (temperature, then nucleus).
+    Row r draws one uniform from its own CPU generator, and only where ``drawing[r]`` (default:
+    every row): a row still inside its prompt draws nothing, so its samples do not depend on the
+    rows batched with it (their prompt lengths, the pipeline's padding)."""
     if cfg.temperature == 0:
         return logits.argmax(dim=-1)
     probs = torch.softmax(logits.double() / cfg.temperature, dim=-1)
@@ -106,6 +110,7 @@ def sample(logits: torch.Tensor, cfg: SamplingConfig, generators: Sequence[torch
     drawing = torch.ones(len(generators), dtype=torch.bool) if drawing is None else drawing
     uniforms = torch.stack([torch.rand((), generator=g, dtype=torch.float64) if draw else
                             torch.tensor(0.5, dtype=torch.float64) for g, draw in zip(generators, drawing.tolist())])
+    uniforms = uniforms.to(cdf.device)
     # the first token whose CDF exceeds u * total: never one of zero probability
     picked = torch.searchsorted(cdf, (uniforms * cdf[:, -1]).unsqueeze(-1), right=True).squeeze(-1)
     return picked.clamp(max=logits.shape[-1] - 1)
@@ -124,25 +129,26 @@ class _Reader:
         """(full logits [b, V], 1-based exit step [b]) at the chunk's last position."""
         if self.cfg.exit_threshold is None:
             logits = _full_logits(output.steps[self.step].logits[:, -1], vocab_size)
-            return logits, torch.full((logits.shape[0],), self.step + 1)
+            return logits, torch.full((logits.shape[0],), self.step + 1, device=logits.device)
         gates = output.stack("gate_logits")[:, :, -1]                       # [T, b]
         chosen = q_exit_steps(exit_distribution(gates), self.cfg.exit_threshold)  # [b], 0-based
         per_step = torch.stack([_full_logits(s.logits[:, -1], vocab_size) for s in output.steps])
         logits = per_step.gather(0, chosen.view(1, -1, 1).expand(1, -1, per_step.shape[-1]))[0]
-        return logits, chosen.cpu() + 1
+        return logits, chosen + 1
 
 
 def _pick(logits: torch.Tensor, steps: torch.Tensor, cfg: SamplingConfig, generators, drawing) -> torch.Tensor:
-    """[b, 3]: sampled token, its log-probability, the 1-based loop step it was read from."""
+    """[b, 3] on the logits' device: sampled token, its log-probability, the 1-based loop step
+    it was read from."""
     sampled = sample(logits, cfg, generators, drawing)
-    logprobs = torch.log_softmax(logits.cpu(), dim=-1).gather(-1, sampled.unsqueeze(-1)).squeeze(-1)
+    logprobs = torch.log_softmax(logits, dim=-1).gather(-1, sampled.unsqueeze(-1)).squeeze(-1)
     return torch.stack([sampled.double(), logprobs.double(), steps.double()], dim=-1)
 
 
 def _forward_whole(pm, chunk, positions, reader, cache, vocab_size, cfg, generators, drawing) -> torch.Tensor:
     output = pm.model(chunk, positions, None, head=reader.head,
                       inference_contexts=cache.steps if cache is not None else None)
-    return _pick(*reader.last_position(output, vocab_size), cfg, generators, drawing)
+    return _pick(*reader.last_position(output, vocab_size), cfg, generators, drawing).cpu()
 
 
 def _forward_pipelined(pm, chunk, positions, reader, cache, vocab_size, cfg, generators, drawing) -> torch.Tensor:
@@ -184,6 +190,18 @@ def _forward_pipelined(pm, chunk, positions, reader, cache, vocab_size, cfg, gen
     return picks.cpu()
 
 
+@contextlib.contextmanager
+def _without_fp8(config):
+    """megatron-core enters FP8 autocast per forward pass from ``config.fp8``
+    (transformer_block.py); without it Transformer Engine's layers run their GEMMs in bf16 on
+    the same weights. Restored afterwards for the training that continues."""
+    fp8, config.fp8 = config.fp8, None
+    try:
+        yield
+    finally:
+        config.fp8 = fp8
+
+
 @torch.no_grad()
 def generate(pm, prompts: Sequence[Sequence[int]], vocab_size: int, cfg: SamplingConfig,
              row_seeds: Optional[Sequence[int]] = None) -> GenerationOutput:
@@ -191,6 +209,11 @@ def generate(pm, prompts: Sequence[Sequence[int]], vocab_size: int, cfg: Samplin
     layout; every rank calls this and every rank gets the same output). ``row_seeds``: one seed
     per prompt (default: derived from ``cfg.seed`` and the row), so that a prompt's samples can
     be made independent of which data-parallel rank and batch row it lands on."""
+    with _without_fp8(pm.model.config):
+        return _generate(pm, prompts, vocab_size, cfg, row_seeds)
+
+
+def _generate(pm, prompts, vocab_size: int, cfg: SamplingConfig, row_seeds) -> GenerationOutput:
     model = pm.model
     if model.config.sequence_parallel:
         raise ValueError("generation decodes one position at a time: run it without sequence parallelism")

@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_looprpt.device import use_cuda
+from megatron_looprpt.models import fusions
 from megatron_looprpt.models.layer_specs import final_norm_module, sandwich_layer_spec
 from megatron_looprpt.models.looped_gpt import LoopedGPTModel
 
@@ -33,6 +35,13 @@ class LoopedModelConfig:
     transformer_impl: str = "local"
     bf16: bool = False
     fp8_format: Optional[str] = None
+    # megatron-core's FP8 recipes; margin, amax history and its reduction apply to "delayed"
+    fp8_recipe: str = "delayed"
+    fp8_margin: int = 0
+    fp8_amax_history_len: int = 1024
+    fp8_amax_compute_algo: str = "max"
+    # fusions the run allows; each applies only where its kernel exists (models/fusions.py)
+    allowed_fusions: fusions.FusionRequest = fusions.FusionRequest()
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
     sequence_parallel: bool = False
@@ -53,13 +62,12 @@ def pad_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel: int) -> 
     return -(-vocab_size // multiple) * multiple
 
 
-def transformer_config(cfg: LoopedModelConfig) -> TransformerConfig:
-    on_gpu = torch.cuda.is_available()
+def transformer_config(cfg: LoopedModelConfig, main_grads: bool = False) -> TransformerConfig:
+    """``main_grads``: the model trains inside megatron's DDP, whose fp32 ``main_grad`` buffers
+    fused weight-gradient GEMMs can accumulate into (a model without them, such as the EMA
+    teacher or an inference model, never fuses that)."""
+    on_gpu = use_cuda()
     dtype = torch.bfloat16 if cfg.bf16 else torch.float32
-    fp8 = {}
-    if cfg.fp8_format is not None:
-        fp8 = dict(fp8=cfg.fp8_format, fp8_recipe="delayed", fp8_margin=0,
-                   fp8_amax_history_len=1024, fp8_amax_compute_algo="max")
     return TransformerConfig(
         num_layers=cfg.num_layers,
         hidden_size=cfg.hidden_size,
@@ -88,16 +96,25 @@ def transformer_config(cfg: LoopedModelConfig) -> TransformerConfig:
         # they do not depend on the layout.
         perform_initialization=True,
         use_cpu_initialization=not on_gpu,
-        # Fusions are CUDA kernels; the unfused paths are the same maths.
-        masked_softmax_fusion=on_gpu,
-        bias_activation_fusion=False,
+        # Nothing to fuse: no linear biases and, by default, no dropout on the residual adds.
         bias_dropout_fusion=False,
-        apply_rope_fusion=False,
-        gradient_accumulation_fusion=False,
+        # RMSNorm only: megatron's persistent kernel is apex's LayerNorm.
         persist_layer_norm=False,
-        deallocate_pipeline_outputs=False,
-        **fp8,
+        **fusions.select(cfg.allowed_fusions, on_gpu=on_gpu, transformer_impl=cfg.transformer_impl,
+                         main_grads=main_grads),
+        **fp8_settings(cfg),
     )
+
+
+def fp8_settings(cfg: LoopedModelConfig) -> dict:
+    """megatron-core's FP8 fields for ``cfg`` (none without --fp8-format)."""
+    if cfg.fp8_format is None:
+        return {}
+    settings = dict(fp8=cfg.fp8_format, fp8_recipe=cfg.fp8_recipe)
+    if cfg.fp8_recipe == "delayed":
+        settings.update(fp8_margin=cfg.fp8_margin, fp8_amax_history_len=cfg.fp8_amax_history_len,
+                        fp8_amax_compute_algo=cfg.fp8_amax_compute_algo)
+    return settings
 
 
 def build_stage(cfg: LoopedModelConfig, config: Optional[TransformerConfig] = None) -> LoopedGPTModel:
@@ -115,7 +132,8 @@ def build_stage(cfg: LoopedModelConfig, config: Optional[TransformerConfig] = No
         share_embeddings_and_output_weights=not cfg.untie_embeddings_and_output_weights,
         rotary_base=cfg.rotary_base,
         exit_gate_step_bias=cfg.exit_gate_init == "uniform",
+        output_layer_config=fusions.output_layer_config(config),
     )
-    if torch.cuda.is_available():
+    if use_cuda():
         model.cuda(torch.cuda.current_device())
     return model

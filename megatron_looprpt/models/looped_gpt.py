@@ -95,7 +95,12 @@ class _AddDeferredGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, twin):
         ctx.twin = twin
-        return hidden.view_as(hidden)
+        # A new tensor on hidden's data, not a view of it: this is the chunk's output, which
+        # megatron frees after sending (deallocate_pipeline_outputs), and it refuses to free
+        # a view (schedules.deallocate_output_tensor asserts out._base is None).
+        out = torch.empty((1,), dtype=hidden.dtype, device=hidden.device)
+        out.data = hidden.data
+        return out
 
     @staticmethod
     def backward(ctx, grad):
@@ -121,6 +126,7 @@ class LoopedGPTModel(LanguageModule):
         rotary_base: int = 10000,
         loops_inside: bool = True,
         exit_gate_step_bias: bool = False,
+        output_layer_config: Optional[TransformerConfig] = None,
     ):
         super().__init__(config=config)
         self.vocab_size = vocab_size
@@ -164,7 +170,8 @@ class LoopedGPTModel(LanguageModule):
             self.output_layer = tensor_parallel.ColumnParallelLinear(
                 config.hidden_size,
                 vocab_size,
-                config=config,
+                # megatron's own linear layer: its fusions can differ from the TE layers' (builder)
+                config=output_layer_config or config,
                 init_method=config.init_method,
                 bias=False,
                 skip_bias_add=False,

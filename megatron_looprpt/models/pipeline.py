@@ -9,8 +9,9 @@ interleaved schedule's, (PP-1)/(T*M) of the step for M microbatches.
 
 What megatron-core does not do for us, and this module does:
   * one set of weights for all T chunks: the chunks are views of ONE DDP-wrapped stage module,
-    so there is one gradient buffer; gradients of the T uses accumulate in it and are reduced
-    once, by finalize_model_grads over that single module;
+    so there is one gradient buffer; gradients of the T uses accumulate in it and each bucket
+    is reduced once, when the last chunk's backward has filled it (overlap_grad_reduce; see
+    training/setup.py) or by finalize_model_grads over that single module;
   * the loop index of each chunk (``LoopStepChunk.loop_step``);
   * per-step head outputs on the last stage (``LoopedGPTModel`` defers steps < T-1 to the
     loss of step T-1 and feeds their gradient back, see ``_AddDeferredGrad``);
@@ -49,6 +50,15 @@ class LoopStepChunk(torch.nn.Module):
     def set_input_tensor(self, input_tensor) -> None:
         self.model.set_input_tensor(input_tensor)
 
+    def set_is_first_microbatch(self) -> None:
+        """megatron's schedules call this on a chunk before its first micro-batch of a step,
+        and only if the chunk has it (schedules.forward_step); Transformer Engine then recasts
+        its cached FP8 weights at the next call. The T chunks share one set of weights, and
+        loop step 0 of the first micro-batch is the first to run on every stage, so chunk 0
+        passes it on and the other chunks' calls would only recast the same weights again."""
+        if self.loop_step == 0:
+            self.stage.set_is_first_microbatch()
+
     def forward(self, *args, **kwargs):
         return self.stage(*args, loop_step=self.loop_step, **kwargs)
 
@@ -68,6 +78,17 @@ class PipelinedModel:
 
     def eval(self):
         self.stage.train(False)
+
+    def sync_params(self) -> None:
+        """Make every weight current on this rank. With the parameter all-gather overlapped
+        (``overlap_param_gather``), an optimizer step updates only this rank's shard and the
+        next forward pass gathers the rest; anything that reads the weights before then (a
+        checkpoint save) waits here."""
+        ddp_config = getattr(self.stage, "ddp_config", None)
+        if ddp_config is not None and ddp_config.overlap_param_gather:
+            # collective over DP; the buckets count as gathered afterwards, so the next forward
+            # pass does not gather them again (param_and_grad_buffer.py, finish_param_sync)
+            self.stage.start_param_sync(force_sync=True)
 
 
 def pipeline_model(stage: torch.nn.Module, model: LoopedGPTModel, pipeline_parallel: int) -> PipelinedModel:

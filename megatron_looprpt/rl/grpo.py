@@ -31,7 +31,8 @@ from megatron_looprpt.inference.generation import SamplingConfig, generate
 from megatron_looprpt.models.looped_gpt import HeadRequest
 from megatron_looprpt.rl.looprpt_loss import TeacherOutputs
 from megatron_looprpt.rl.teacher import forward_outputs
-from megatron_looprpt.training.step import to_device, train_step
+from megatron_looprpt.device import to_device
+from megatron_looprpt.training.step import train_step
 
 RLTT_WEIGHTS = ("last", "uniform", "progressive")
 
@@ -131,7 +132,7 @@ def _forward_step(references: List[TeacherOutputs], olds: Optional[List[TeacherO
     pending = deque(zip(references, olds if olds is not None else [None] * len(references)))
 
     def forward_step(data_iterator, model):
-        batch = to_device(next(data_iterator))
+        batch = next(data_iterator)
         output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"], head=head)
         return output, lambda out: grpo_objective(batch, *pending.popleft(), cfg, out)
 
@@ -186,7 +187,9 @@ def grpo_train_step(pm, optimizer, scheduler, reference, problems: Sequence, fir
     groups = [problems[row // cfg.num_samples] for row in range(len(answers))]
     rewards = score_answers(groups, answers, tokenizer, sampling.stop_tokens, reward_fn)
     advantages = group_advantages(rewards.view(-1, cfg.num_samples)).flatten()
-    batches = training_batches(rows, answers, advantages, rewards, seq_length, micro_batch_size)
+    # on the device once: the reference pass, the sampling policy's pass and every update read them
+    batches = [to_device(batch) for batch in
+               training_batches(rows, answers, advantages, rewards, seq_length, micro_batch_size)]
     references = list(reference.run(batches))
     # the sampling policy's log-probs, needed once the first update has moved the policy
     olds = list(forward_outputs(pm, batches)) if cfg.epochs > 1 else None

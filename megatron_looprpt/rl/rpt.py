@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from megatron_looprpt.device import to_device
 from megatron_looprpt.rl.grpo import GRPOConfig, grpo_train_step
 from megatron_looprpt.rl.verifier import last_boxed
 
@@ -115,8 +116,8 @@ def rpt_train_step(pm, optimizer, scheduler, reference, sequences: List[dict], f
     position_ids [s]; the first has global index ``first_index``): the reference model's entropy
     picks one hard position per sequence, then GRPO on predicting what follows it.
     ``reward_fn(answer_text, problem)`` replaces the RPT reward (tests)."""
-    proxy_batches = [{name: sequence[name].unsqueeze(0) for name in ("tokens", "labels", "loss_mask",
-                                                                    "position_ids")}
+    proxy_batches = [to_device({name: sequence[name].unsqueeze(0) for name in ("tokens", "labels", "loss_mask",
+                                                                              "position_ids")})
                      for sequence in sequences]
     # the pipeline schedule runs a multiple of PP micro-batches: pad with copies of the first
     pp = parallel_state.get_pipeline_model_parallel_world_size()

@@ -68,6 +68,8 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.dist_checkpointing.validation import StrictHandling
 from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
+from megatron_looprpt.device import use_cuda
+
 logger = logging.getLogger(__name__)
 
 TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
@@ -322,7 +324,7 @@ def get_rng_state() -> Dict[str, Any]:
         "torch_cpu": torch.get_rng_state(),
         "tracker": {name: state.clone() for name, state in get_cuda_rng_tracker().get_states().items()},
     }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
+    if use_cuda() and torch.cuda.is_initialized():
         state["torch_cuda"] = torch.cuda.get_rng_state()
     return state
 
@@ -333,7 +335,7 @@ def set_rng_state(state: Dict[str, Any]) -> None:
     np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
                          n["cached_gaussian"]))
     torch.set_rng_state(state["torch_cpu"])
-    if "torch_cuda" in state and torch.cuda.is_available():
+    if "torch_cuda" in state and use_cuda():
         torch.cuda.set_rng_state(state["torch_cuda"])
     get_cuda_rng_tracker().set_states({k: v.clone() for k, v in state["tracker"].items()})
 

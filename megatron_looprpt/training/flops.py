@@ -9,8 +9,11 @@ forward + 2x backward. Causal attention counts the average context, s/2.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
+
+from megatron_looprpt.device import use_cuda
 
 
 @dataclass(frozen=True)
@@ -44,19 +47,39 @@ def training_flops(shape: FlopShape, tokens: int, extra_forward_passes: int = 0)
     return tokens * forward_flops_per_token(shape) * (3 + extra_forward_passes)
 
 
-_PEAK_TFLOPS = {  # dense, per device
-    ("H100", "bf16"): 989.0, ("H100", "fp8"): 1979.0,
-    ("H200", "bf16"): 989.0, ("H200", "fp8"): 1979.0,
-    ("A100", "bf16"): 312.0,
-}
+@dataclass(frozen=True)
+class Peak:
+    sku: str            # the table entry the device name matched, e.g. "H100 SXM"
+    tflops: float       # dense, per device, for the precision asked
 
 
-def peak_tflops(precision: str) -> float | None:
-    """Peak dense TFLOP/s of this device for ``precision``, or None when unknown (CPU)."""
-    if not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name()
-    for (gpu, prec), value in _PEAK_TFLOPS.items():
-        if gpu in name and prec == precision:
-            return value
+# NVIDIA datasheet figures, dense (the with-sparsity figures halved), per device. Matched against
+# torch.cuda.get_device_name() in this order, most specific first: the PCIe and NVL boards run
+# at lower clocks and power than SXM, so one "H100" figure would overstate MFU on them.
+_PEAKS = (
+    # (substring of the device name, SKU, bf16, fp8)
+    ("H100 PCIe", "H100 PCIe", 756.0, 1513.0),
+    ("H100 NVL", "H100 NVL", 835.0, 1671.0),
+    ("H200 NVL", "H200 NVL", 835.0, 1671.0),
+    ("GH200", "GH200", 989.0, 1979.0),
+    ("H100", "H100 SXM", 989.0, 1979.0),
+    ("H200", "H200 SXM", 989.0, 1979.0),
+    ("A100", "A100", 312.0, None),
+)
+
+
+def peak_for_device_name(name: str, precision: str) -> Optional[Peak]:
+    """The dense peak of the device called ``name`` for ``precision`` ("bf16" or "fp8"), or None
+    when the device or the precision is not in the table."""
+    for pattern, sku, bf16, fp8 in _PEAKS:
+        if pattern in name:
+            value = bf16 if precision == "bf16" else fp8
+            return Peak(sku, value) if value is not None else None
     return None
+
+
+def peak_tflops(precision: str) -> Optional[Peak]:
+    """This rank's device peak for ``precision``; None on the CPU or an unknown device (no MFU)."""
+    if not use_cuda():
+        return None
+    return peak_for_device_name(torch.cuda.get_device_name(), precision)

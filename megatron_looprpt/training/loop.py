@@ -11,10 +11,13 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megatron_looprpt import parallel
-from megatron_looprpt.arguments import ConfigError, check_checkpoint_shape
+from megatron_looprpt.arguments import FP8_RECIPE_FLAGS, ConfigError, check_checkpoint_shape
 from megatron_looprpt.data.datasets import build_data_iterator, build_datasets, held_out_batches
+from megatron_looprpt.data.global_batches import GlobalBatches
 from megatron_looprpt.data.tokenizers import build_tokenizer, model_vocab_size
+from megatron_looprpt.device import use_cuda
 from megatron_looprpt.models.builder import LoopedModelConfig
+from megatron_looprpt.models.fusions import FusionRequest
 from megatron_looprpt.models.loss import ExitLossConfig
 from megatron_looprpt.rl.looprpt_loss import LoopRPTConfig
 from megatron_looprpt.rl.objective import RolloutConfig, looprpt_train_step, rl_record
@@ -47,6 +50,12 @@ def model_config(args, vocab_size: int) -> LoopedModelConfig:
         transformer_impl=args.transformer_impl,
         bf16=args.bf16,
         fp8_format=args.fp8_format,
+        # validate_args fills the recipe's settings of an FP8 run and leaves them unset otherwise
+        **({name: getattr(args, name) for name in FP8_RECIPE_FLAGS if getattr(args, name) is not None}),
+        allowed_fusions=FusionRequest(
+            masked_softmax=args.masked_softmax_fusion, bias_swiglu=args.bias_swiglu_fusion,
+            rope=args.apply_rope_fusion, gradient_accumulation=args.gradient_accumulation_fusion,
+        ),
         tensor_parallel=args.tensor_model_parallel_size,
         pipeline_parallel=args.pipeline_model_parallel_size,
         sequence_parallel=args.sequence_parallel,
@@ -91,18 +100,18 @@ def _adopt_checkpoint_vocab(args, saved: Optional[dict]) -> None:
         args.vocab_size = saved.get("vocab_size")
 
 
-class _Batches:
-    """Micro-batches of successive global batches for this data-parallel rank."""
-
-    def __init__(self, dataset, args, consumed_samples: int):
-        self.iterator = build_data_iterator(
-            dataset, args.micro_batch_size, parallel_state.get_data_parallel_rank(),
-            parallel_state.get_data_parallel_world_size(), consumed_samples,
-        )
-        self.num_microbatches = args.num_microbatches
-
-    def next_global_batch(self):
-        return [next(self.iterator) for _ in range(self.num_microbatches)]
+def _global_batches(dataset, args, consumed_samples: int) -> GlobalBatches:
+    """Successive global batches of this data-parallel rank, on the device, each loaded while
+    the step before it runs."""
+    on_gpu = use_cuda()
+    # workers compete with the compute for the cores of a CPU run
+    num_workers = args.num_workers if args.num_workers is not None else (2 if on_gpu else 0)
+    iterator = build_data_iterator(
+        dataset, args.micro_batch_size, parallel_state.get_data_parallel_rank(),
+        parallel_state.get_data_parallel_world_size(), consumed_samples,
+        num_workers=num_workers, pin_memory=on_gpu,
+    )
+    return GlobalBatches(iterator, args.num_microbatches)
 
 
 class LoopRPTRun:
@@ -148,7 +157,10 @@ def pretrain(args) -> dict:
         progress_bar=not args.no_progress_bar, config=vars(args),
     )
     pm = build_model(cfg, seed=args.seed, use_distributed_optimizer=args.use_distributed_optimizer,
-                     train_gate_only=args.exit_gate_training == "stage2")
+                     train_gate_only=args.exit_gate_training == "stage2",
+                     overlap_grad_reduce=args.overlap_grad_reduce,
+                     overlap_param_gather=args.overlap_param_gather,
+                     ddp_bucket_size=args.ddp_bucket_size)
     optimizer, scheduler = build_optimizer(pm, cfg, optim_config(args))
     logger.info(_describe(pm, cfg, args))
 
@@ -193,7 +205,7 @@ def pretrain(args) -> dict:
         num_samples=(args.train_iters * args.global_batch_size, max(1, valid_batches * args.global_batch_size), 1),
         mock=args.mock_data,
     )
-    train_batches = _Batches(train_ds, args, consumed_samples)
+    train_batches = _global_batches(train_ds, args, consumed_samples)
     exit_cfg = ExitLossConfig(entropy_coef=args.exit_entropy_coef, stage=args.exit_gate_training,
                               step_weights=args.step_loss_weights, exit_threshold=args.exit_threshold)
     forward_step = make_forward_step(partial(lm_objective, cfg=exit_cfg))
@@ -201,7 +213,7 @@ def pretrain(args) -> dict:
                            cfg.num_query_groups or cfg.num_attention_heads,
                            cfg.ffn_hidden_size or 4 * cfg.hidden_size, cfg.padded_vocab_size,
                            args.seq_length, cfg.loop_steps)
-    peak = peak_tflops("fp8" if args.fp8_format else "bf16")
+    peak = _peak(args)
     tokens_per_iteration = args.global_batch_size * args.seq_length
 
     def save(at_iteration: int) -> None:
@@ -246,8 +258,16 @@ def pretrain(args) -> dict:
     return {"iteration": iteration, "consumed_samples": consumed_samples, **last}
 
 
+def _peak(args):
+    """The device's dense peak for the run's GEMM precision (None: no MFU, e.g. fp32 or CPU)."""
+    if args.fp8_format:
+        return peak_tflops("fp8")
+    return peak_tflops("bf16") if args.bf16 else None
+
+
 def _save(args, at_iteration: int, consumed_samples: int, pm, optimizer, scheduler, extra_models, logger) -> None:
     if args.save:
+        pm.sync_params()
         checkpointing.save_checkpoint(
             args.save, at_iteration, pm, optimizer, scheduler,
             state={"consumed_samples": consumed_samples}, args=vars(args), keep=args.ckpt_keep,
@@ -301,7 +321,7 @@ def _validation_batches(args) -> int:
 
 
 def evaluate(pm, valid_ds, args, forward_step, num_batches: int) -> dict:
-    batches = _Batches(valid_ds, args, consumed_samples=0)
+    batches = _global_batches(valid_ds, args, consumed_samples=0)
     totals = {}
     for _ in range(num_batches):
         for name, value in eval_step(pm, batches.next_global_batch(), forward_step).items():
@@ -333,7 +353,7 @@ def _record(iteration, metrics, elapsed, tokens, tflops, peak) -> dict:
         "lr": metrics["lr"].item(),
         "tokens_per_sec": tokens / elapsed,
         "tflops_per_device": tflops,
-        "mfu": tflops / peak if peak else None,
+        "mfu": tflops / peak.tflops if peak else None,
         "iteration_time": elapsed,
     }
 
@@ -344,4 +364,12 @@ def _describe(pm, cfg: LoopedModelConfig, args) -> str:
             f"{cfg.hidden_size}, vocab {cfg.padded_vocab_size} (padded) | {local / 1e6:.2f}M parameters "
             f"on this rank | TP={cfg.tensor_parallel} PP={cfg.pipeline_parallel} "
             f"DP={parallel_state.get_data_parallel_world_size()} SP={cfg.sequence_parallel} | "
-            f"{args.num_microbatches} micro-batches of {args.micro_batch_size} per step")
+            f"{args.num_microbatches} micro-batches of {args.micro_batch_size} per step | {_describe_peak(args)}")
+
+
+def _describe_peak(args) -> str:
+    peak = _peak(args)
+    if peak is None:
+        return "no MFU: no dense peak known for this device and precision"
+    precision = "fp8" if args.fp8_format else "bf16"
+    return f"MFU against the {peak.sku} dense {precision} peak, {peak.tflops:.0f} TFLOP/s"

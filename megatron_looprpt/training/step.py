@@ -9,23 +9,18 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+# to_device: the RL objectives' forward steps import it from here too
+from megatron_looprpt.device import compute_device, to_device
 from megatron_looprpt.models.looped_gpt import HeadRequest
 from megatron_looprpt.models.pipeline import PipelinedModel
 
 
-def to_device(batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """Move a micro-batch to this rank's GPU (a no-op on CPU runs)."""
-    if not torch.cuda.is_available():
-        return batch
-    device = torch.cuda.current_device()
-    return {name: value.to(device, non_blocking=True) for name, value in batch.items()}
-
-
 def make_forward_step(objective: Callable, head: HeadRequest = HeadRequest()):
-    """megatron's forward_step_func: run a chunk on the next micro-batch, bind its loss."""
+    """megatron's forward_step_func: run a chunk on the next micro-batch, bind its loss. The
+    micro-batch is already on the device (run_schedule)."""
 
     def forward_step(data_iterator, model):
-        batch = to_device(next(data_iterator))
+        batch = next(data_iterator)
         output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"], head=head)
         return output, partial(objective, batch)
 
@@ -36,6 +31,9 @@ def run_schedule(pm: PipelinedModel, batches: List[Dict[str, torch.Tensor]], for
                  forward_only: bool) -> Dict[str, torch.Tensor]:
     """Forward(+backward) over the micro-batches of one global batch; returns reduced metric sums
     (identical on every rank)."""
+    # Once per micro-batch, not once per chunk that reads it: under PP the T loop chunks each
+    # read every micro-batch.
+    batches = [to_device(batch) for batch in batches]
     # Every chunk reads the same micro-batches in order, each from its own iterator.
     iterators = [iter(batches) for _ in pm.chunks]
     seq_length, micro_batch_size = batches[0]["tokens"].shape[1], batches[0]["tokens"].shape[0]
@@ -68,7 +66,7 @@ def reduce_metrics(per_microbatch: List[Dict[str, torch.Tensor]]) -> Dict[str, t
         flat.append(total)
         sizes.append(None if total is None else total.numel())
     sizes = _broadcast_names_from_last_stage(sizes)
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    device = compute_device()
     flat = [torch.zeros(size, device=device) if value is None else value.to(device)
             for value, size in zip(flat, sizes)]
     buffer = torch.cat(flat)
