@@ -218,7 +218,8 @@ def test_kill_during_save_keeps_previous_checkpoint(single_ref, tmp_path):
 @pytest.mark.slow
 def test_read_checkpoint_args_and_errors(single_ref, tmp_path):
     from megatron_looprpt.training.checkpointing import (
-        CheckpointError, _clean_stale, read_checkpoint_args, read_checkpoint_info)
+        CheckpointError, read_checkpoint_args, read_checkpoint_info)
+    from megatron_looprpt.training.checkpointing.files import clean_stale
 
     _, ref_ckpt = single_ref
     args = read_checkpoint_args(str(ref_ckpt))
@@ -284,7 +285,7 @@ def test_read_checkpoint_args_and_errors(single_ref, tmp_path):
     shutil.copytree(ref_ckpt, aside)
     os.rename(aside / "iter_0000002", aside / ".old_iter_0000002_abc")
     assert read_checkpoint_info(str(aside))["path"] == str(aside / ".old_iter_0000002_abc")
-    _clean_stale(str(aside))
+    clean_stale(str(aside))
     assert sorted(os.listdir(aside)) == ["iter_0000002", "latest_checkpointed_iteration.txt"]
 
     # without a tracker: the newest complete iter_* directory; temp dirs never count
