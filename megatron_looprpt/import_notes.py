@@ -8,6 +8,7 @@ megatron-core 0.17+ also log, on every checkpoint, that their own async writer (
 choose, see ``training/checkpointing/megatron_io.py``) and the ``common.pt`` reader (the file we
 keep writing for 0.16) are deprecated; and torch logs that it found no CUDA runtime whenever an
 ``nvcc`` is on PATH of a CPU machine (megatron-core 0.17+ import ``torch.utils.cpp_extension``).
+megatron-core 0.19's DDP asks for a parameter layout it then computes itself.
 The entry points call :func:`silence_import_notes` before anything imports megatron-core, which
 is why this module imports nothing of ours or theirs.
 """
@@ -28,6 +29,9 @@ _LOG_NOTES = {
     "megatron.core.dist_checkpointing.strategies.torch": "MCore's async save is deprecated",
     "megatron.core.dist_checkpointing.strategies.common": "load_common is deprecated",
     "torch.utils.cpp_extension": "No CUDA runtime is found",
+    # 0.19 asks DDP's callers to pass the distributed optimizer's parameter layout; without it
+    # DDP computes the very same one itself (DistributedOptimizer.compute_full_param_layout)
+    "megatron.core.distributed.distributed_data_parallel": "DistributedDataParallel: full_param_layout not provided",
 }
 
 

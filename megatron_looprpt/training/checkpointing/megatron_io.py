@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import inspect
-import logging
 import multiprocessing
 import os
 import queue
@@ -36,8 +35,6 @@ from megatron.core.dist_checkpointing.strategies.fully_parallel import (
 )
 
 from megatron_looprpt.training.checkpointing.files import LEGACY_COMMON
-
-logger = logging.getLogger(__name__)
 
 try:
     from torch.distributed.checkpoint.api import CheckpointException as _DcpError
