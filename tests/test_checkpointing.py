@@ -22,7 +22,7 @@ HARNESS = "tests/harness/checkpoint_run.py"
 
 
 def harness(nproc, args, out):
-    return run_json(HARNESS, nproc, [str(a) for a in args], str(out), timeout=300)
+    return run_json(HARNESS, nproc, [str(a) for a in args], str(out), timeout=600)
 
 
 def assert_same_steps(got, expected, probes=True):

@@ -44,7 +44,7 @@ def pythons():
 
 
 def _run(python, nproc, args, out):
-    return run_json(HARNESS, nproc, [str(a) for a in args], str(out), timeout=300, python=python)
+    return run_json(HARNESS, nproc, [str(a) for a in args], str(out), timeout=600, python=python)
 
 
 @pytest.mark.parametrize("writer,reader", [("old", "new"), ("new", "old")])

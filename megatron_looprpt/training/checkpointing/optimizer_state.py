@@ -118,7 +118,8 @@ def load_state(optimizer, state_dict) -> None:
             opt.load_state_dict(sd)
             continue
         sd = dict(sd)
-        param_state = sd.pop("param_state")
+        # absent on a DP rank that owns no parameter (nothing of it was stored or loaded)
+        param_state = sd.pop("param_state", {})
         sd.pop("param_state_sharding_type", None)
         opt.load_state_dict(sd)
         for i, (model_param, _) in enumerate(_owned_params(opt)):
@@ -131,8 +132,8 @@ def load_state(optimizer, state_dict) -> None:
 
 def common_for_consistency_check(common: Dict[str, Any]) -> Dict[str, Any]:
     """What megatron-core compares across ranks before saving the common state: without the
-    distributed optimizer's parameter state, whose (emptied) structure differs between DP ranks
-    because each owns other parameters."""
+    distributed optimizer's parameter state. Its boxes are all sharded, so nothing of it stays
+    in the common state, except on a DP rank that owns no parameter: an empty entry."""
     common = dict(common)
     optim = common.get("optimizer")
     if isinstance(optim, dict) and "param_state" in optim:
