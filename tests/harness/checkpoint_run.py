@@ -12,7 +12,8 @@ resumed at iteration k sees exactly the batches an uninterrupted run sees after 
                      DIR/../pause_marker and sleep S seconds (for the kill -9 test)
   --async-save       write the --save checkpoints in the background (Checkpointer.poll every step)
   --writer-delay S   the background writer sleeps S seconds before writing (shows training
-                     going on meanwhile; gives a kill -9 time to land mid-write)
+                     going on meanwhile; gives a kill -9 time to land mid-write); with
+                     --pid-dir it writes DIR/writer{r}.pid first
   --sigterm          install ExitSignals (SIGTERM, SIGINT, SIGUSR1); on a signal save and exit 0
   --pid-dir DIR      write DIR/rank{r}.pid once training started (for signalling)
   --step-sleep S     sleep S seconds after every step (gives a signal time to arrive)
@@ -82,16 +83,21 @@ def install_pause(seconds: float, marker: str):
     checkpointing.Checkpointer._publish = slow_publish
 
 
-def install_writer_delay(seconds: float):
-    """The forked background writer sleeps before it writes."""
+def install_writer_delay(seconds: float, pid_dir=None):
+    """The forked background writer sleeps before it writes (having written
+    ``pid_dir/writer{rank}.pid``, if given)."""
     from megatron.core.dist_checkpointing.strategies.async_utils import TemporalAsyncCaller
 
     original = TemporalAsyncCaller.schedule_async_call
+    rank = dist.get_rank()
 
     def delayed(self, request):
         write = request.async_fn
 
         def late_write(*args, **kwargs):
+            if pid_dir:
+                with open(os.path.join(pid_dir, f"writer{rank}.pid"), "w") as f:
+                    f.write(str(os.getpid()))
             time.sleep(seconds)
             return write(*args, **kwargs)
 
@@ -198,7 +204,7 @@ def main():
         install_pause(a.pause_in_save, os.path.join(os.path.dirname(os.path.abspath(a.save)),
                                                     "pause_marker"))
     if a.writer_delay:
-        install_writer_delay(a.writer_delay)
+        install_writer_delay(a.writer_delay, a.pid_dir)
     if a.forbid_gather:
         forbid_gather()
     load_requests = []
