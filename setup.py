@@ -9,7 +9,7 @@ setup(
     install_requires=[
         # CPU users: `pip install torch==2.13.0` first, or pip pulls the CUDA wheels.
         "torch>=2.4,<2.14",
-        "megatron-core>=0.16.0,<0.17",
+        "megatron-core>=0.16.0,<0.20",
         "numpy>=1.24,<3",
         "sentencepiece>=0.2,<0.3",
         "tokenizers>=0.15,<1",

@@ -220,6 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save-interval", type=int, default=None,
                    help="iterations between checkpoints (a final one is always written)")
     g.add_argument("--ckpt-keep", type=int, default=None, help="keep the newest N checkpoints (default: all)")
+    g.add_argument("--async-save", action="store_true",
+                   help="write checkpoints in a background process while training continues "
+                        "(megatron-core's async save; published atomically once complete)")
     g.add_argument("--exit-on-missing-checkpoint", action="store_true",
                    help="fail when --load has no checkpoint instead of starting from scratch")
     g.add_argument("--no-load-optim", action="store_true", help="do not restore optimizer and scheduler state")
@@ -630,6 +633,7 @@ def _validate_checkpoint(args) -> None:
     for name in ("save_interval", "ckpt_keep"):
         value = getattr(args, name)
         _require(value is None or value >= 1, f"{_flag(name)} must be >= 1, got {value}")
+    _require(not args.async_save or args.save, "--async-save needs --save (the directory to write to)")
 
 
 def _validate_logging(args) -> None:

@@ -16,10 +16,12 @@ The stand-in forwards everything to torch, except that
     generator here, so megatron's model-parallel RNG tracker forks it exactly as it forks the
     CUDA one on a GPU).
 The type-string checks are satisfied by running the few functions that contain them with
-``Tensor.type()`` reporting CUDA names for CPU tensors. One tensor method is called directly:
-``LanguageModule.setup_embeddings_and_output_layer`` moves the tied embedding to the GPU with
-``.cuda()`` before all-reducing it between the first and last pipeline stages; on CPU the same
-all-reduce runs where the weight lies.
+``Tensor.type()`` reporting CUDA names for CPU tensors. A tensor method is called directly in
+two places: ``LanguageModule.setup_embeddings_and_output_layer`` moves the tied embedding to the
+GPU with ``.cuda()`` before all-reducing it between the first and last pipeline stages (on CPU
+the same all-reduce runs where the weight lies), and the fully parallel checkpoint load moves
+what it exchanges between ranks to the GPU (``.cuda()``, ``ShardedTensor.init_data("cuda")``):
+on CPU it stays there.
 """
 
 from __future__ import annotations
@@ -243,6 +245,40 @@ def _patch_tied_embedding_sync():
     LanguageModule.setup_embeddings_and_output_layer = setup_embeddings_and_output_layer
 
 
+@contextlib.contextmanager
+def _cuda_method_is_identity():
+    original = torch.Tensor.cuda
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
+    try:
+        yield
+    finally:
+        torch.Tensor.cuda = original
+
+
+def _patch_checkpoint_exchange():
+    from megatron.core.dist_checkpointing import exchange_utils
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    init_data = ShardedTensor.init_data
+
+    @functools.wraps(init_data)
+    def init_data_on_cpu(self, device, init_fn=torch.empty):
+        return init_data(self, _to_cpu_device(device), init_fn)
+
+    ShardedTensor.init_data = init_data_on_cpu
+    exchange = exchange_utils.exchange_by_distribution
+
+    @functools.wraps(exchange)
+    def exchange_on_cpu(*args, **kwargs):
+        with _cuda_method_is_identity():
+            return exchange(*args, **kwargs)
+
+    # the load strategies imported the function by name; keep every reference in step
+    for name, module in list(sys.modules.items()):
+        if name.startswith("megatron.core") and getattr(module, "exchange_by_distribution", None) is exchange:
+            module.exchange_by_distribution = exchange_on_cpu
+
+
 def install() -> None:
     """Point megatron-core at the CPU. Idempotent; call before building models or optimizers."""
     global _installed
@@ -255,6 +291,7 @@ def install() -> None:
         _patch_rng()
         _patch_type_checks()
         _patch_tied_embedding_sync()
+        _patch_checkpoint_exchange()
         _installed = True
 
 

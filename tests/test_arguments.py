@@ -126,7 +126,7 @@ def test_full_valid_configuration(tmp_path):
         "--split", "98,2,0", "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model",
         str(tmp_path / "tok.model"), "--make-vocab-size-divisible-by", "64",
         "--save", str(tmp_path / "ckpt"), "--load", str(tmp_path / "ckpt"), "--save-interval", "100",
-        "--ckpt-keep", "2", "--exit-on-missing-checkpoint", "--no-load-optim", "--no-load-rng", "--finetune",
+        "--ckpt-keep", "2", "--async-save", "--exit-on-missing-checkpoint", "--no-load-optim", "--no-load-rng", "--finetune",
         "--eval-interval", "100", "--eval-iters", "5", "--log-interval", "1", "--log-json", str(tmp_path / "l.jsonl"),
         "--tensorboard-dir", str(tmp_path / "tb"), "--wandb-project", "p", "--wandb-exp-name", "e",
         "--wandb-save-dir", str(tmp_path / "wandb"), "--no-progress-bar",
@@ -224,6 +224,7 @@ def test_missing_load_directory_starts_from_scratch(tmp_path):
     (["--split", "1,1,1,1"], 1, "--split"),
     (["--ckpt-keep", "0"], 1, "--ckpt-keep"),
     (["--save-interval", "0"], 1, "--save-interval"),
+    (["--async-save"], 1, "--async-save needs --save"),
     (["--log-interval", "0"], 1, "--log-interval"),
 ])
 def test_inconsistent_arguments(argv, world, flag):

@@ -1,4 +1,5 @@
-"""Distributed checkpoints: exact resume, resharding on load, atomic publish, errors, SIGTERM.
+"""Distributed checkpoints: exact resume, resharding on load, atomic publish (also of background
+saves), the distributed optimizer's per-rank state, errors, SIGTERM and SIGUSR1.
 
 Multi-process runs go through tests/harness/checkpoint_run.py under torchrun (gloo, fp32).
 Runs that several tests need (a reference run that also saves at iteration 2) are shared.
@@ -21,7 +22,7 @@ HARNESS = "tests/harness/checkpoint_run.py"
 
 
 def harness(nproc, args, out):
-    return run_json(HARNESS, nproc, [str(a) for a in args], str(out), timeout=300)
+    return run_json(HARNESS, nproc, [str(a) for a in args], str(out), timeout=600)
 
 
 def assert_same_steps(got, expected, probes=True):
@@ -74,6 +75,16 @@ def single_ref(tmp_path_factory):
     """One process, 4 uninterrupted steps, saving at iteration 2 along the way."""
     d = tmp_path_factory.mktemp("single_ref")
     out = harness(1, ["--steps", 4, "--save", d / "ckpt", "--save-at", 2], d / "run.json")
+    return out["records"], d / "ckpt"
+
+
+@pytest.fixture(scope="module")
+def dp2_ref(tmp_path_factory):
+    """DP=2 with the distributed optimizer, 4 steps, saving at iteration 2 (synchronously);
+    gathering the optimizer state onto one rank is an error."""
+    d = tmp_path_factory.mktemp("dp2_ref")
+    out = harness(2, ["--dist-opt", "--forbid-gather", "--steps", 4, "--save", d / "ckpt",
+                      "--save-at", 2], d / "run.json")
     return out["records"], d / "ckpt"
 
 
@@ -131,24 +142,69 @@ def test_reshard_plain_optimizer(tp2_ref, tmp_path, nproc, flags):
 
 
 @pytest.mark.slow
-def test_reshard_distributed_optimizer_dp2_to_tp2(tmp_path):
-    ref = harness(2, ["--dist-opt", "--steps", 4, "--save", tmp_path / "ckpt", "--save-at", 2],
-                  tmp_path / "ref.json")
+def test_reshard_distributed_optimizer_dp2_to_tp2(dp2_ref, tmp_path):
+    records, ckpt = dp2_ref
     resaved = tmp_path / "resaved"
-    out = harness(2, ["--dist-opt", "--tp", 2, "--steps", 4, "--load", tmp_path / "ckpt",
+    out = harness(2, ["--dist-opt", "--forbid-gather", "--tp", 2, "--steps", 4, "--load", ckpt,
                       "--save-on-load", resaved], tmp_path / "run.json")
     assert out["loaded"]["layout"]["dp"] == 2 and out["loaded"]["optimizer"]
-    assert_same_tensors(tmp_path / "ckpt" / "iter_0000002", resaved / "iter_0000002")
-    assert_close_steps(out["records"], ref["records"][2:])
+    assert_same_tensors(ckpt / "iter_0000002", resaved / "iter_0000002")
+    assert_close_steps(out["records"], records[2:])
+
+
+def _stored_by_file(path):
+    """checkpoint file -> the top-level keys of the tensors stored in it."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    found = {}
+    for index, info in FileSystemReader(str(path)).read_metadata().storage_data.items():
+        found.setdefault(info.relative_path, set()).add(index.fqn.split(".")[0])
+    return found
+
+
+@pytest.mark.slow
+def test_distributed_optimizer_is_written_per_rank_and_replicas_by_both(dp2_ref):
+    """The DP=2 save ran with megatron-core's gather of the optimizer state forbidden (dp2_ref);
+    the fully parallel save spread the model's replicated tensors over both DP ranks (torch_dist
+    names each file after the rank that wrote it: __<rank>_<n>.distcp)."""
+    _, ckpt = dp2_ref
+    by_file = _stored_by_file(ckpt / "iter_0000002")
+    writers = {name.split("_")[2] for name, keys in by_file.items() if "decoder" in keys}
+    assert writers == {"0", "1"}, by_file
+    assert {name.split("_")[2] for name, keys in by_file.items() if "optimizer" in keys} == {"0", "1"}
+
+
+@pytest.mark.slow
+def test_async_save_then_resume_is_exact(dp2_ref, tmp_path):
+    records, sync_ckpt = dp2_ref
+    # the background writer waits 3 s before writing: iteration 3 trains while it writes (a
+    # synchronous save would have published iteration 2 before it)
+    out = harness(2, ["--dist-opt", "--forbid-gather", "--steps", 4, "--save", tmp_path / "ckpt",
+                      "--save-at", 2, "--async-save", "--writer-delay", 3], tmp_path / "async.json")
+    assert [r["published"] for r in out["records"][:3]] == [None, None, None]
+    assert (tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
+    # saving in the background changed neither the training nor what was saved
+    assert_same_steps(out["records"], records)
+    assert_same_tensors(sync_ckpt / "iter_0000002", tmp_path / "ckpt" / "iter_0000002")
+    resumed = harness(2, ["--dist-opt", "--forbid-gather", "--measure-load", "--steps", 4,
+                          "--load", tmp_path / "ckpt"], tmp_path / "resume.json")
+    assert resumed["loaded"]["optimizer"] and resumed["loaded"]["rng"]
+    assert_same_steps(resumed["records"], records[2:])
+    # each DP rank asked the load for exactly its own shard of the optimizer state, half of it
+    stored = sum(t.numel() for k, t in read_tensors(sync_ckpt / "iter_0000002").items()
+                 if k.startswith("optimizer."))
+    ranks = resumed["load_requests"]
+    assert [r["requested"] for r in ranks] == [[r["owned"]] for r in ranks]
+    assert sum(r["owned"] for r in ranks) == stored and max(r["owned"] for r in ranks) < 0.51 * stored
 
 
 # ------------------------------------------------------------------------------------------
 # 3. atomic save under kill -9
 # ------------------------------------------------------------------------------------------
-def _launch(nproc, args, out):
+def _launch(nproc, args, out, launcher=()):
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-               f"--master-port={free_port()}", os.path.join(ROOT, HARNESS), *map(str, args),
-               "--out", str(out)]
+               f"--master-port={free_port()}", *launcher, os.path.join(ROOT, HARNESS),
+               *map(str, args), "--out", str(out)]
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
@@ -212,13 +268,50 @@ def test_kill_during_save_keeps_previous_checkpoint(single_ref, tmp_path):
     assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "4"
 
 
+def _files(path):
+    return {name: (path / name).read_bytes() for name in sorted(os.listdir(path))}
+
+
+@pytest.mark.slow
+def test_kill_during_async_save_keeps_previous_checkpoint(single_ref, tmp_path):
+    from megatron_looprpt.training import checkpointing
+
+    _, ref_ckpt = single_ref
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(ref_ckpt, ckpt)
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    # resume from 2, save at 3 in the background; the writer waits a minute before writing
+    proc = _launch(1, ["--steps", 1000, "--step-sleep", 0.2, "--load", ckpt, "--save", ckpt,
+                       "--save-at", 3, "--async-save", "--writer-delay", 60, "--pid-dir", pids],
+                   tmp_path / "killed.json")
+    try:
+        _wait_for((pids / "writer0.pid").exists, proc)
+        worker, writer = int((pids / "rank0.pid").read_text()), int((pids / "writer0.pid").read_text())
+        # the node dies: the worker, its background writer and the writer's result queue
+        os.killpg(worker, signal.SIGKILL)
+        _wait_for(lambda: not _alive(worker) and not _alive(writer), proc=None, timeout=30)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        proc.stdout.close()
+        proc.stderr.close()
+    assert any(p.startswith(".tmp_iter_0000003_") for p in os.listdir(ckpt))  # never published
+    assert not (ckpt / "iter_0000003").exists()
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
+    assert checkpointing.resolve_checkpoint(str(ckpt)) == (str(ckpt / "iter_0000002"), 2)
+    # the checkpoint written before is there byte for byte
+    assert _files(ckpt / "iter_0000002") == _files(ref_ckpt / "iter_0000002")
+
+
 # ------------------------------------------------------------------------------------------
 # 4. read_checkpoint_args and error messages
 # ------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_read_checkpoint_args_and_errors(single_ref, tmp_path):
     from megatron_looprpt.training.checkpointing import (
-        CheckpointError, _clean_stale, read_checkpoint_args, read_checkpoint_info)
+        CheckpointError, read_checkpoint_args, read_checkpoint_info)
+    from megatron_looprpt.training.checkpointing.files import clean_stale
 
     _, ref_ckpt = single_ref
     args = read_checkpoint_args(str(ref_ckpt))
@@ -284,7 +377,7 @@ def test_read_checkpoint_args_and_errors(single_ref, tmp_path):
     shutil.copytree(ref_ckpt, aside)
     os.rename(aside / "iter_0000002", aside / ".old_iter_0000002_abc")
     assert read_checkpoint_info(str(aside))["path"] == str(aside / ".old_iter_0000002_abc")
-    _clean_stale(str(aside))
+    clean_stale(str(aside))
     assert sorted(os.listdir(aside)) == ["iter_0000002", "latest_checkpointed_iteration.txt"]
 
     # without a tracker: the newest complete iter_* directory; temp dirs never count
@@ -339,7 +432,7 @@ def test_load_errors_are_one_line(single_ref, tmp_path, single_process_parallel)
 
 
 # ------------------------------------------------------------------------------------------
-# 5. SIGTERM
+# 5. SIGTERM, SIGUSR1
 # ------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_sigterm_on_one_rank_saves_and_exits_cleanly(tmp_path):
@@ -370,3 +463,63 @@ def test_sigterm_on_one_rank_saves_and_exits_cleanly(tmp_path):
     info = read_checkpoint_info(str(tmp_path / "ckpt"))
     assert info["iteration"] == result["end_iteration"]
     assert info["state"]["consumed_samples"] == 8 * result["end_iteration"]
+
+
+@pytest.mark.slow
+def test_sigusr1_forwarded_by_torchrun_saves_and_exits_cleanly(tmp_path):
+    """SLURM's early warning (--signal=USR1@120) reaches torchrun; told to, torchrun forwards
+    it to every worker, which save at the next iteration boundary and exit."""
+    from megatron_looprpt.training.checkpointing import read_checkpoint_info
+
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    out = tmp_path / "run.json"
+    proc = _launch(2, ["--pp", 2, "--steps", 1000, "--sigterm", "--step-sleep", 0.2,
+                       "--pid-dir", pids, "--save", tmp_path / "ckpt"], out,
+                   launcher=["--signals-to-handle", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"])
+    try:
+        _wait_for(lambda: len(os.listdir(pids)) == 2, proc)
+        time.sleep(0.5)
+        os.kill(proc.pid, signal.SIGUSR1)
+        _, stderr = proc.communicate(timeout=120)
+    except BaseException:
+        for name in os.listdir(pids):
+            try:
+                os.kill(int((pids / name).read_text()), signal.SIGKILL)
+            except (OSError, ValueError):
+                pass
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    # torchrun itself reports the signal it got (non-zero); the workers finished their save
+    assert "SIGUSR1" in stderr, stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["interrupted"] and result["signal"] == signal.SIGUSR1 and 0 < result["end_iteration"] < 1000
+    info = read_checkpoint_info(str(tmp_path / "ckpt"))
+    assert info["iteration"] == result["end_iteration"]
+    assert info["state"]["consumed_samples"] == 8 * result["end_iteration"]
+
+
+# ------------------------------------------------------------------------------------------
+# 6. the distributed optimizer's boxes
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("shape", [(7,), (3, 5), (2, 3, 4), (1, 6, 5), (4, 1, 3)])
+def test_boxes_cover_a_flat_range_exactly(shape):
+    import math
+    import random as pyrandom
+
+    from megatron_looprpt.training.checkpointing.optimizer_state import _boxes
+
+    numel = math.prod(shape)
+    ranges = [(0, numel), (0, 1), (numel - 1, numel)]
+    rng = pyrandom.Random(0)
+    ranges += [tuple(sorted(rng.sample(range(numel + 1), 2))) for _ in range(30)]
+    for start, stop in ranges:
+        flat = torch.arange(numel).view(shape)
+        covered = []
+        boxes = _boxes(shape, start, stop)
+        for offset, size in boxes:
+            part = flat[tuple(slice(o, o + n) for o, n in zip(offset, size))]
+            covered += part.reshape(-1).tolist()
+        # in order, each box one contiguous run, at most two boxes per axis
+        assert covered == list(range(start, stop)), (shape, start, stop, boxes)
+        assert len(boxes) <= max(1, 2 * len(shape) - 1)

@@ -87,8 +87,10 @@ def test_resume_reproduces_the_uninterrupted_run(corpus, tmp_path):
     launch(2, flags(corpus, "--train-iters", "6", "--log-json", str(full),
                     "--tensor-model-parallel-size", "2"))
     ckpt = str(tmp_path / "ckpt")
-    launch(2, flags(corpus, "--train-iters", "3", "--save", ckpt, "--log-json", str(resumed),
-                    "--tensor-model-parallel-size", "2"))
+    # saved in the background (iteration 2, then the final 3, each published when written)
+    launch(2, flags(corpus, "--train-iters", "3", "--save", ckpt, "--save-interval", "2", "--async-save",
+                    "--log-json", str(resumed), "--tensor-model-parallel-size", "2"))
+    assert sorted(os.listdir(ckpt)) == ["iter_0000002", "iter_0000003", "latest_checkpointed_iteration.txt"]
     launch(2, flags(corpus, "--train-iters", "6", "--load", ckpt, "--save", ckpt,
                     "--log-json", str(resumed), "--tensor-model-parallel-size", "2"))
     expected, _ = records(full)

@@ -15,12 +15,26 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run(script: str, nproc: int, args, timeout: int = 600, env=None) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+def run(script: str, nproc: int, args, timeout: int = 600, env=None, python: str = sys.executable
+        ) -> subprocess.CompletedProcess:
+    command = [python, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
                f"--master-port={free_port()}", os.path.join(ROOT, script), *map(str, args)]
     full_env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
                 "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run(command, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.Popen(command, cwd=ROOT, env=full_env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        # torchrun starts its workers in sessions of their own: SIGTERM makes it stop them
+        # (SIGKILL after its shutdown timeout) instead of leaving them running
+        proc.terminate()
+        try:
+            proc.communicate(timeout=60)
+        finally:
+            proc.kill()
+        raise
+    return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
 
 
 def run_json(script: str, nproc: int, args, out_path, **kwargs):

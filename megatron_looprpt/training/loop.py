@@ -216,11 +216,13 @@ def pretrain(args) -> dict:
     peak = _peak(args)
     tokens_per_iteration = args.global_batch_size * args.seq_length
 
+    checkpointer = _checkpointer(args)
+
     def save(at_iteration: int) -> None:
-        _save(args, at_iteration, consumed_samples, pm, optimizer, scheduler, extra_models, logger)
+        _save(checkpointer, args, at_iteration, consumed_samples, pm, optimizer, scheduler, extra_models, logger)
 
     last = {}
-    with checkpointing.SigtermHandler() as signals:
+    with checkpointing.ExitSignals() as signals:
         while iteration < args.train_iters:
             start = time.time()
             batches = train_batches.next_global_batch()
@@ -245,8 +247,10 @@ def pretrain(args) -> dict:
                 logger.evaluation(iteration, evaluate(pm, valid_ds, args, forward_step, valid_batches))
             if args.save_interval and iteration % args.save_interval == 0:
                 save(iteration)
+            if checkpointer is not None:
+                checkpointer.poll()
             if signals.received():
-                logger.info(f" termination signal received: saving at iteration {iteration} and exiting")
+                logger.info(f" exit signal received: saving at iteration {iteration} and exiting")
                 if not (args.save_interval and iteration % args.save_interval == 0):
                     save(iteration)
                 break
@@ -254,6 +258,8 @@ def pretrain(args) -> dict:
         args.save_interval and iteration % args.save_interval == 0
     ):
         save(iteration)
+    if checkpointer is not None:
+        checkpointer.finish()
     logger.close()
     return {"iteration": iteration, "consumed_samples": consumed_samples, **last}
 
@@ -265,15 +271,20 @@ def _peak(args):
     return peak_tflops("bf16") if args.bf16 else None
 
 
-def _save(args, at_iteration: int, consumed_samples: int, pm, optimizer, scheduler, extra_models, logger) -> None:
-    if args.save:
-        pm.sync_params()
-        checkpointing.save_checkpoint(
-            args.save, at_iteration, pm, optimizer, scheduler,
-            state={"consumed_samples": consumed_samples}, args=vars(args), keep=args.ckpt_keep,
-            extra_models=extra_models,
-        )
-        logger.info(f" saved checkpoint at iteration {at_iteration} to {args.save}")
+def _checkpointer(args) -> Optional[checkpointing.Checkpointer]:
+    if not args.save:
+        return None
+    return checkpointing.Checkpointer(args.save, keep=args.ckpt_keep, async_save=args.async_save)
+
+
+def _save(checkpointer, args, at_iteration: int, consumed_samples: int, pm, optimizer, scheduler,
+          extra_models, logger) -> None:
+    if checkpointer is not None:
+        checkpointer.save(at_iteration, pm, optimizer, scheduler,
+                          state={"consumed_samples": consumed_samples}, args=vars(args),
+                          extra_models=extra_models)
+        verb = "started saving" if checkpointer.async_save else "saved"
+        logger.info(f" {verb} checkpoint at iteration {at_iteration} to {args.save}")
 
 
 def _train_token_rl(args, run, pm, optimizer, scheduler, logger, iteration: int, consumed_samples: int,
@@ -281,12 +292,14 @@ def _train_token_rl(args, run, pm, optimizer, scheduler, logger, iteration: int,
     """The GRPO / RLTT / RPT loop: rollouts on prompts instead of batches of the corpus;
     checkpoints, signals and logging as in pre-training."""
 
+    checkpointer = _checkpointer(args)
+
     def save(at_iteration: int) -> None:
-        _save(args, at_iteration, consumed_samples, pm, optimizer, scheduler, extra_models, logger)
+        _save(checkpointer, args, at_iteration, consumed_samples, pm, optimizer, scheduler, extra_models, logger)
 
     last = {}
     saved_at = None
-    with checkpointing.SigtermHandler() as signals:
+    with checkpointing.ExitSignals() as signals:
         while iteration < args.train_iters:
             last = run.step(optimizer, scheduler, consumed_samples)
             iteration += 1
@@ -298,11 +311,15 @@ def _train_token_rl(args, run, pm, optimizer, scheduler, logger, iteration: int,
             if args.save_interval and iteration % args.save_interval == 0:
                 save(iteration)
                 saved_at = iteration
+            if checkpointer is not None:
+                checkpointer.poll()
             if signals.received():
-                logger.info(f" termination signal received: saving at iteration {iteration} and exiting")
+                logger.info(f" exit signal received: saving at iteration {iteration} and exiting")
                 break
     if saved_at != iteration:
         save(iteration)
+    if checkpointer is not None:
+        checkpointer.finish()
     logger.close()
     return {"iteration": iteration, "consumed_samples": consumed_samples, **last}
 

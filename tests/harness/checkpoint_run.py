@@ -10,13 +10,21 @@ resumed at iteration k sees exactly the batches an uninterrupted run sees after 
   --save-on-load     save right after loading (same iteration), e.g. to compare reshards
   --pause-in-save S  after the shards are written but before publishing, touch
                      DIR/../pause_marker and sleep S seconds (for the kill -9 test)
-  --sigterm          install SigtermHandler; on a signal save and exit 0
+  --async-save       write the --save checkpoints in the background (Checkpointer.poll every step)
+  --writer-delay S   the background writer sleeps S seconds before writing (shows training
+                     going on meanwhile; gives a kill -9 time to land mid-write); with
+                     --pid-dir it writes DIR/writer{r}.pid first
+  --sigterm          install ExitSignals (SIGTERM, SIGINT, SIGUSR1); on a signal save and exit 0
   --pid-dir DIR      write DIR/rank{r}.pid once training started (for signalling)
   --step-sleep S     sleep S seconds after every step (gives a signal time to arrive)
   --teacher          checkpoint a second model as extra_models['teacher']
+  --forbid-gather    fail if the distributed optimizer's state is gathered onto one rank
+  --measure-load     report the optimizer elements each rank asks the load for
 
-Output JSON (rank 0): {"records": [{"iteration", "loss", "grad_norm", "lr", "probe"}...],
-"start_iteration", "end_iteration", "interrupted", "loaded": {...} or null}.
+Output JSON (rank 0): {"records": [{"iteration", "loss", "grad_norm", "lr", "probe",
+"published"}...], "start_iteration", "end_iteration", "interrupted", "loaded": {...} or null,
+"signal": the signal number that stopped the run or null, "load_requests": per rank, the
+optimizer elements (--measure-load) and the elements the rank's optimizer shard holds}.
 """
 
 import argparse
@@ -62,18 +70,74 @@ def rng_probe():
 
 def install_pause(seconds: float, marker: str):
     """Pause between writing the shards and publishing the checkpoint."""
-    original = checkpointing.dist_checkpointing.save
+    original = checkpointing.Checkpointer._publish
 
-    def slow_save(*args, **kwargs):
-        result = original(*args, **kwargs)
+    def slow_publish(self, tmp, *args, **kwargs):
         dist.barrier()
         if dist.get_rank() == 0:
             with open(marker, "w") as f:
-                f.write(str(args[1]))
+                f.write(tmp)
         time.sleep(seconds)
-        return result
+        return original(self, tmp, *args, **kwargs)
 
-    checkpointing.dist_checkpointing.save = slow_save
+    checkpointing.Checkpointer._publish = slow_publish
+
+
+def install_writer_delay(seconds: float, pid_dir=None):
+    """The forked background writer sleeps before it writes (having written
+    ``pid_dir/writer{rank}.pid``, if given)."""
+    from megatron.core.dist_checkpointing.strategies.async_utils import TemporalAsyncCaller
+
+    original = TemporalAsyncCaller.schedule_async_call
+    rank = dist.get_rank()
+
+    def delayed(self, request):
+        write = request.async_fn
+
+        def late_write(*args, **kwargs):
+            if pid_dir:
+                with open(os.path.join(pid_dir, f"writer{rank}.pid"), "w") as f:
+                    f.write(str(os.getpid()))
+            time.sleep(seconds)
+            return write(*args, **kwargs)
+
+        return original(self, request._replace(async_fn=late_write) if write is not None else request)
+
+    TemporalAsyncCaller.schedule_async_call = delayed
+
+
+def forbid_gather():
+    """megatron-core's gather of every DP shard onto one rank (its fully_reshardable writer and
+    reader) raises."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    def refuse(self, *args, **kwargs):
+        raise AssertionError("the distributed optimizer's state was gathered onto one rank")
+
+    DistributedOptimizer.get_parameter_state_dp_zero = refuse
+
+
+def measure_load(requests: list):
+    """Record how many optimizer elements each load asks for on this rank."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    original = dist_checkpointing.load
+
+    def counting_load(sharded, *args, **kwargs):
+        requests.append(sum(t.data.numel() if t.data is not None else int(np.prod(t.local_shape))
+                            for t in nested_values(sharded.get("optimizer", {}))
+                            if isinstance(t, ShardedTensor)))
+        return original(sharded, *args, **kwargs)
+
+    dist_checkpointing.load = counting_load
+
+
+def owned_optimizer_numel(optimizer) -> int:
+    """Elements of main params and Adam moments this rank's distributed optimizer holds."""
+    return sum(3 * p.numel() for opt in getattr(optimizer, "chained_optimizers", [optimizer])
+               for group in opt.optimizer.param_groups for p in group["params"])
 
 
 SEQ, VOCAB = 16, 256
@@ -112,6 +176,10 @@ def main():
     p.add_argument("--no-load-rng", action="store_true")
     p.add_argument("--save-on-load")
     p.add_argument("--pause-in-save", type=float, default=0.0)
+    p.add_argument("--async-save", action="store_true")
+    p.add_argument("--writer-delay", type=float, default=0.0)
+    p.add_argument("--forbid-gather", action="store_true")
+    p.add_argument("--measure-load", action="store_true")
     p.add_argument("--sigterm", action="store_true")
     p.add_argument("--pid-dir")
     p.add_argument("--step-sleep", type=float, default=0.0)
@@ -135,6 +203,13 @@ def main():
     if a.pause_in_save and a.save:
         install_pause(a.pause_in_save, os.path.join(os.path.dirname(os.path.abspath(a.save)),
                                                     "pause_marker"))
+    if a.writer_delay:
+        install_writer_delay(a.writer_delay, a.pid_dir)
+    if a.forbid_gather:
+        forbid_gather()
+    load_requests = []
+    if a.measure_load:
+        measure_load(load_requests)
 
     iteration, consumed, loaded_info = 0, 0, None
     if a.load:
@@ -153,16 +228,18 @@ def main():
                                               {"consumed_samples": consumed}, run_args,
                                               extra_models=extra)
 
+    checkpointer = checkpointing.Checkpointer(a.save, keep=a.keep, async_save=a.async_save) if a.save else None
+
     def save():
-        checkpointing.save_checkpoint(a.save, iteration, pm, optimizer, scheduler,
-                                      {"consumed_samples": consumed, "iteration": iteration},
-                                      run_args, keep=a.keep, extra_models=extra)
+        checkpointer.save(iteration, pm, optimizer, scheduler,
+                          {"consumed_samples": consumed, "iteration": iteration}, run_args,
+                          extra_models=extra)
 
     per_rank = a.global_batch // dp
     records, interrupted = [], False
     start_iteration = iteration
-    handler = checkpointing.SigtermHandler() if a.sigterm else contextlib.nullcontext()
-    with handler as sigterm:
+    handler = checkpointing.ExitSignals() if a.sigterm else contextlib.nullcontext()
+    with handler as signals:
         if a.pid_dir:
             with open(os.path.join(a.pid_dir, f"rank{dist.get_rank()}.pid"), "w") as f:
                 f.write(str(os.getpid()))
@@ -178,23 +255,34 @@ def main():
             iteration += 1
             consumed += a.global_batch
             n = metrics["num_tokens"].item()
+            # "published": the newest checkpoint published before this iteration's save
             records.append({"iteration": iteration, "loss": metrics["lm_loss"].item() / n,
                             "grad_norm": metrics["grad_norm"].item(), "lr": metrics["lr"].item(),
-                            "probe": rng_probe()})
+                            "probe": rng_probe(),
+                            "published": checkpointer.published if checkpointer else None})
             if a.step_sleep:
                 time.sleep(a.step_sleep)
             if a.save and iteration in a.save_at:
                 save()
-            if a.sigterm and sigterm.received():
+            if checkpointer is not None:
+                checkpointer.poll()
+            if a.sigterm and signals.received():
                 if a.save and iteration not in a.save_at:
                     save()
                 interrupted = True
                 break
+    if checkpointer is not None:
+        checkpointer.finish()
+    signal_number = signals.signal_number if a.sigterm else None
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, {"requested": load_requests, "owned": owned_optimizer_numel(optimizer),
+                                      "signal": signal_number})
     if dist.get_rank() == 0:
         with open(a.out, "w") as f:
             json.dump({"records": records, "start_iteration": start_iteration,
                        "end_iteration": iteration, "interrupted": interrupted,
-                       "loaded": loaded_info}, f)
+                       "loaded": loaded_info, "signal": next((e["signal"] for e in everyone if e["signal"]), None),
+                       "load_requests": everyone}, f)
     parallel.destroy()
 
 
