@@ -1,6 +1,6 @@
 """Depth study: does a looped model profit from its loops? (Ouro's controlled comparison at CPU scale)
 
-    bash examples/depth_study.sh                 # = python examples/depth_study.py: ~35 min on 2 CPU cores
+    bash examples/depth_study.sh                 # = python examples/depth_study.py (docs/depth.md: wall time)
     python examples/depth_study.py --parts task --seeds 1 2 3 --task-iters 400
 
 Three models, each for every seed, under one token budget per part:
@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import concurrent.futures
 import json
 import math
 import os
@@ -70,9 +71,13 @@ def _log(message: str) -> None:
     print(f"[depth] {message}", flush=True)
 
 
-def _run(cmd: List[str], log_path: str) -> None:
+def _run(cmd: List[str], log_path: str, threads: Optional[int] = None) -> None:
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
+    if threads is not None:
+        # concurrent runs each get their share of the cores: oversubscribed BLAS threads made
+        # two runs together about five times slower than one after the other
+        env["OMP_NUM_THREADS"] = str(threads)
     with open(log_path, "a") as log:
         code = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
     if code != 0:
@@ -135,7 +140,7 @@ def trained_iteration(save_dir: str) -> Optional[int]:
 
 
 def run_one(out: str, part: str, part_flags: List[str], eval_flags: List[str], arm: Arm, seed: int,
-            iters: int) -> str:
+            iters: int, threads: Optional[int] = None) -> str:
     """Train (unless finished) and evaluate (unless reported) one model; its report's path."""
     run_dir = os.path.join(out, part, arm.name, f"seed{seed}")
     save_dir = os.path.join(run_dir, "checkpoint")
@@ -146,13 +151,13 @@ def run_one(out: str, part: str, part_flags: List[str], eval_flags: List[str], a
         _log(f"{part}: train {arm.name} seed {seed} ({arm.description}), {iters} iterations")
         start = time.time()
         _run([sys.executable, os.path.join(ROOT, "pretrain_looprpt.py"),
-              *train_flags(part_flags, arm, seed, iters, save_dir)], os.path.join(run_dir, "train.log"))
-        _log(f"  {time.time() - start:.0f}s")
+              *train_flags(part_flags, arm, seed, iters, save_dir)], os.path.join(run_dir, "train.log"), threads)
+        _log(f"{part}: {arm.name} seed {seed} trained in {time.time() - start:.0f}s")
     partial = os.path.join(run_dir, "eval.partial")
     if os.path.exists(partial):
         shutil.rmtree(partial)
     _run([sys.executable, os.path.join(ROOT, "tools", "evaluate.py"), "--load", save_dir, *eval_flags,
-          "--output-dir", partial], os.path.join(run_dir, "eval.log"))
+          "--output-dir", partial], os.path.join(run_dir, "eval.log"), threads)
     os.replace(partial, os.path.dirname(report))
     return report
 
@@ -308,12 +313,15 @@ def main(argv=None) -> None:
     p.add_argument("--out", default=os.path.join("runs", "depth_study"))
     p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    p.add_argument("--task-iters", type=int, default=600, help="training iterations of the task part")
+    p.add_argument("--task-iters", type=int, default=1200, help="training iterations of the task part")
     p.add_argument("--text-iters", type=int, default=300, help="training iterations of the text part")
     p.add_argument("--num-layers", type=int, default=2, help="N, the looped block's layers")
     p.add_argument("--loop-steps", type=int, default=4, help="T of the looped model")
     p.add_argument("--max-hops", type=int, default=4, help="the task's largest k")
     p.add_argument("--text-eval-iters", type=int, default=20, help="held-out text batches of 16 x 128 tokens")
+    p.add_argument("--jobs", type=int, default=2,
+                   help="runs trained at once, each on cpu_count / jobs threads (2 on 2 cores: about twice "
+                        "the throughput of one run using both)")
     p.add_argument("--collect-only", action="store_true", help="rebuild the tables and plots from the reports")
     cfg = p.parse_args(argv)
     start = time.time()
@@ -331,10 +339,14 @@ def main(argv=None) -> None:
             flags, iters = text_flags(cfg.text_iters), cfg.text_iters
             eval_flags = ["--eval-iters", str(cfg.text_eval_iters)]
         if not cfg.collect_only:
-            # seed by seed, so an interrupted study already holds whole comparisons
-            for seed in cfg.seeds:
-                for arm in study:
-                    run_one(cfg.out, part, flags, eval_flags, arm, seed, iters)
+            # seed by seed, so an interrupted study already holds whole comparisons; the slowest
+            # arms first within a seed, so that the workers finish together
+            runs = [(arm, seed) for seed in cfg.seeds for arm in sorted(study, key=lambda a: -a.num_layers * a.loop_steps)]
+            threads = None if cfg.jobs == 1 else max(1, (os.cpu_count() or 1) // cfg.jobs)
+            with concurrent.futures.ThreadPoolExecutor(cfg.jobs) as pool:
+                for done in [pool.submit(run_one, cfg.out, part, flags, eval_flags, arm, seed, iters, threads)
+                             for arm, seed in runs]:
+                    done.result()
         reports = _reports(cfg.out, part, study, cfg.seeds)
         results[part] = (collect_task(reports, descriptions, majority_baseline(info["heldout"])) if part == "task"
                          else collect_text(reports, descriptions))
