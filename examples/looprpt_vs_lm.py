@@ -1,6 +1,6 @@
 """LoopRPT against continued LM pre-training, from stage-1 models that use their loops.
 
-    bash examples/looprpt_vs_lm.sh        # = python examples/looprpt_vs_lm.py: ~35 min on 2 CPU cores
+    bash examples/looprpt_vs_lm.sh        # = python examples/looprpt_vs_lm.py (docs/looprpt.md: wall time)
     python examples/looprpt_vs_lm.py --iters 100 --seeds 1 2 3 --out runs/looprpt_vs_lm
 
 Stage 1 is the depth study's looped model on the composition task (examples/depth_study.py,
@@ -25,6 +25,7 @@ Finished stages are skipped on a rerun. Output: ``report.md``, ``report.json`` u
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import os
 import shutil
@@ -78,7 +79,8 @@ def _finished(save_dir: str, iters: int) -> bool:
     return (depth_study.trained_iteration(save_dir) or 0) >= iters
 
 
-def continue_stage1(cfg, task_flags: List[str], stage1: str, out: str, method: str, lr: float, seed: int) -> None:
+def continue_stage1(cfg, task_flags: List[str], stage1: str, out: str, method: str, lr: float, seed: int,
+                    threads=None) -> None:
     if _finished(out, cfg.iters):
         return
     _log(f"{method} lr {lr:g} seed {seed}: {cfg.iters} iterations from {stage1}")
@@ -88,8 +90,9 @@ def continue_stage1(cfg, task_flags: List[str], stage1: str, out: str, method: s
     # the continuation's own schedule and checkpoints replace stage 1's (argparse keeps the last)
     flags += continuation_flags(stage1, out, cfg.iters, method, lr=lr) + ["--eval-interval", str(cfg.iters),
                                                                             "--eval-iters", "4"]
-    depth_study._run([sys.executable, os.path.join(ROOT, "pretrain_looprpt.py"), *flags], os.path.join(out, "train.log"))
-    _log(f"  {time.time() - start:.0f}s")
+    depth_study._run([sys.executable, os.path.join(ROOT, "pretrain_looprpt.py"), *flags], os.path.join(out, "train.log"),
+                     threads)
+    _log(f"{method} lr {lr:g} seed {seed}: trained in {time.time() - start:.0f}s")
 
 
 def validation_loss(out: str) -> float:
@@ -103,7 +106,7 @@ def validation_loss(out: str) -> float:
     return last
 
 
-def evaluate(cfg, info: dict, load: str, stage1: str, out: str) -> dict:
+def evaluate(cfg, info: dict, load: str, stage1: str, out: str, threads=None) -> dict:
     report = os.path.join(out, "evaluation.json")
     if not os.path.exists(report):
         partial = out + ".partial"
@@ -112,7 +115,7 @@ def evaluate(cfg, info: dict, load: str, stage1: str, out: str) -> dict:
         depth_study._run(evaluate_command(load, partial, cfg.eval_iters, reference=stage1,
                                           extra=["--difficulty-quantiles", *DIFFICULTY_QUANTILES,
                                                  "--task-data", info["heldout"]]),
-                         os.path.join(os.path.dirname(out), "eval.log"))
+                         os.path.join(os.path.dirname(out), "eval.log"), threads)
         os.replace(partial, out)
     with open(report) as f:
         return json.load(f)["models"][0]
@@ -199,6 +202,7 @@ def main(argv=None) -> None:
     p.add_argument("--iters", type=int, default=100, help="continuation iterations of every method")
     p.add_argument("--eval-iters", type=int, default=20, help="batches of the task's valid split")
     p.add_argument("--lr-sweep", type=float, nargs="+", default=list(LR_SWEEP))
+    p.add_argument("--jobs", type=int, default=2, help="runs at once, each on cpu_count / jobs threads")
     p.add_argument("--num-layers", type=int, default=2)
     p.add_argument("--loop-steps", type=int, default=4)
     cfg = p.parse_args(argv)
@@ -207,32 +211,46 @@ def main(argv=None) -> None:
     info = depth_study.task_data(cfg.depth_study, task, num_train=20_000, heldout_per_k=100)
     task_flags = depth_study.task_flags(info, task, cfg.iters)
     stage1 = {seed: os.path.join(cfg.depth_study, "task", "loop", f"seed{seed}", "checkpoint") for seed in cfg.seeds}
-    if not all(_finished(path, 1) for path in stage1.values()):
+    # a depth-study run is finished when its evaluation is written (after its last checkpoint)
+    if not all(os.path.exists(os.path.join(os.path.dirname(path), "eval", "evaluation.json")) for path in stage1.values()):
         _log("stage 1 missing: running the depth study's task part first")
         depth_study.main(["--out", cfg.depth_study, "--parts", "task", "--seeds", *map(str, cfg.seeds)])
 
     first = cfg.seeds[0]
+    threads = None if cfg.jobs == 1 else max(1, (os.cpu_count() or 1) // cfg.jobs)
+    pool = concurrent.futures.ThreadPoolExecutor(cfg.jobs)
+
+    def run_all(calls) -> list:
+        return [done.result() for done in [pool.submit(*call) for call in calls]]
+
+    sweep_runs = {(method, lr): os.path.join(cfg.out, "lr_sweep", f"{method}_lr{lr:g}")
+                  for method in ("lm", "looprpt") for lr in cfg.lr_sweep}
+    run_all([(continue_stage1, cfg, task_flags, stage1[first], out, method, lr, first, threads)
+             for (method, lr), out in sweep_runs.items()])
     sweep: Dict[str, Dict[float, float]] = {}
-    for method in ("lm", "looprpt"):
-        sweep[method] = {}
-        for lr in cfg.lr_sweep:
-            out = os.path.join(cfg.out, "lr_sweep", f"{method}_lr{lr:g}")
-            continue_stage1(cfg, task_flags, stage1[first], out, method, lr, first)
-            sweep[method][lr] = validation_loss(out)
+    for (method, lr), out in sweep_runs.items():
+        sweep.setdefault(method, {})[lr] = validation_loss(out)
     chosen = {method: min(losses, key=losses.get) for method, losses in sweep.items()}
     chosen["looprpt-gate-only"] = chosen["looprpt"]
 
-    models: Dict[str, List[dict]] = {}
-    times = {}
+    runs = {}
     for method in METHOD_FLAGS:
-        models[method] = []
         for seed in cfg.seeds:
             out = os.path.join(cfg.out, method, f"seed{seed}")
             if seed == first and method in sweep:
-                out = os.path.join(cfg.out, "lr_sweep", f"{method}_lr{chosen[method]:g}")
-            continue_stage1(cfg, task_flags, stage1[seed], out, method, chosen[method], seed)
-            models[method].append(evaluate(cfg, info, out, stage1[seed], os.path.join(out, "eval", "report")))
-        with open(os.path.join(out, "log.jsonl")) as f:
+                out = sweep_runs[(method, chosen[method])]
+            runs[(method, seed)] = out
+    run_all([(continue_stage1, cfg, task_flags, stage1[seed], out, method, chosen[method], seed, threads)
+             for (method, seed), out in runs.items()])
+    reports = run_all([(evaluate, cfg, info, out, stage1[seed], os.path.join(out, "eval", "report"), threads)
+                       for (method, seed), out in runs.items()])
+    pool.shutdown()
+    models: Dict[str, List[dict]] = {}
+    for (method, _), report in zip(runs, reports):
+        models.setdefault(method, []).append(report)
+    times = {}
+    for method in METHOD_FLAGS:
+        with open(os.path.join(runs[(method, first)], "log.jsonl")) as f:
             durations = sorted(r["iteration_time"] for r in map(json.loads, f) if "iteration_time" in r)
         times[method] = durations[len(durations) // 2]
     text = render(cfg, sweep, chosen, models, times, time.time() - start)
