@@ -54,7 +54,7 @@ def test_forced_cpu_on_a_gpu_host_runs_the_cpu_path_everywhere(single_process_pa
     from megatron_looprpt.training.flops import peak_tflops
     from megatron_looprpt.training.objectives import lm_objective
     from megatron_looprpt.training.setup import OptimConfig, build_model, build_optimizer
-    from megatron_looprpt.training.step import make_forward_step, train_step
+    from megatron_looprpt.schedule import make_forward_step, train_step
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setenv("LOOPRPT_FORCE_CPU", "1")

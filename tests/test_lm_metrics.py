@@ -13,7 +13,7 @@ from megatron_looprpt.training.logger import IntervalAverage, format_line
 from megatron_looprpt.training.loop import lm_record
 from megatron_looprpt.training.objectives import lm_objective
 from megatron_looprpt.training.setup import build_model
-from megatron_looprpt.training.step import eval_step, make_forward_step
+from megatron_looprpt.schedule import eval_step, make_forward_step
 
 T, B, S, V = 4, 2, 16, 128
 

@@ -21,7 +21,7 @@ from megatron_looprpt.rl.objective import (RolloutConfig, make_looprpt_forward_s
 from megatron_looprpt.rl.rollouts import LatentNoise, exit_uniforms
 from megatron_looprpt.rl.teacher import EMATeacher
 from megatron_looprpt.training.setup import build_model
-from megatron_looprpt.training.step import run_schedule
+from megatron_looprpt.schedule import run_schedule
 
 PACKAGE = os.path.dirname(os.path.abspath(megatron_looprpt.__file__))
 T, B, S, V, G = 3, 2, 12, 128, 4

@@ -309,7 +309,7 @@ def _train_once(plan: Plan, cfg, batches, seed: int = 7):
     from megatron_looprpt.models.loss import ExitLossConfig
     from megatron_looprpt.training.objectives import lm_objective
     from megatron_looprpt.training.setup import OptimConfig, build_model, build_optimizer
-    from megatron_looprpt.training.step import make_forward_step, train_step
+    from megatron_looprpt.schedule import make_forward_step, train_step
 
     pm = build_model(cfg, seed=seed)
     optimizer, scheduler = build_optimizer(pm, cfg, OptimConfig(lr=0.0, min_lr=0.0, global_batch_size=len(batches)))
@@ -422,7 +422,7 @@ def check_training(plan: Plan, fp8: bool) -> dict:
     from megatron_looprpt.training.flops import FlopShape, peak_tflops, training_flops
     from megatron_looprpt.training.objectives import lm_objective
     from megatron_looprpt.training.setup import OptimConfig, build_model, build_optimizer
-    from megatron_looprpt.training.step import make_forward_step, train_step
+    from megatron_looprpt.schedule import make_forward_step, train_step
 
     cfg = _config(plan, plan.speed_layers, impl=_impl(plan), fp8=fp8)
     pm = build_model(cfg, seed=8)
@@ -449,7 +449,7 @@ def check_looprpt_vs_lm(plan: Plan) -> dict:
     from megatron_looprpt.rl.teacher import EMATeacher
     from megatron_looprpt.training.objectives import lm_objective
     from megatron_looprpt.training.setup import OptimConfig, build_model, build_optimizer
-    from megatron_looprpt.training.step import make_forward_step, train_step
+    from megatron_looprpt.schedule import make_forward_step, train_step
 
     cfg = _config(plan, plan.speed_layers, impl=_impl(plan), fp8=False)
     pm = build_model(cfg, seed=9)

@@ -162,7 +162,7 @@ class OuroArchitecture:
         """The run arguments a converted checkpoint carries: enough for ``--load``,
         ``tools/evaluate.py`` and the way back to Hugging Face. ``source_args``: a megatron
         source's own (its tokenizer, sequence length, ... stay as they were)."""
-        from megatron_looprpt.arguments import build_parser
+        from megatron_looprpt.flags import build_parser
 
         args = copy.deepcopy(source_args) if source_args else vars(build_parser().parse_args([]))
         args.update(

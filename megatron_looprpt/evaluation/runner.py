@@ -6,7 +6,7 @@ batch sizes it is given. The model is rebuilt for the current layout and the wei
 resharded on load (``checkpointing.load_checkpoint``), so any layout evaluates any checkpoint.
 
 Forward-only passes go through the same megatron pipeline schedules as training
-(``training.step.eval_step``); each micro-batch's loss function returns metric sums
+(``schedule.eval_step``); each micro-batch's loss function returns metric sums
 (``metrics.token_sums``), which ``reduce_metrics`` adds over micro-batches and data-parallel
 ranks and shares with every pipeline stage. The global batches, and hence the totals, do not
 depend on the layout: the default global batch is the checkpoint's, not micro-batch x DP.
@@ -53,7 +53,7 @@ from megatron_looprpt.training import checkpointing
 from megatron_looprpt.training.loop import model_config
 from megatron_looprpt.training.saved_run import check_vocab_padding, read_saved_run, saved_model_args
 from megatron_looprpt.training.setup import build_model
-from megatron_looprpt.training.step import eval_step, make_forward_step
+from megatron_looprpt.schedule import eval_step, make_forward_step
 
 SCHEMA = "megatron_looprpt.evaluation/1"
 # Held-out splits, by their index in megatron's train,valid,test split.

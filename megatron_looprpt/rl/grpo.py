@@ -32,7 +32,7 @@ from megatron_looprpt.models.looped_gpt import HeadRequest
 from megatron_looprpt.rl.looprpt_loss import TeacherOutputs
 from megatron_looprpt.rl.teacher import forward_outputs
 from megatron_looprpt.device import to_device
-from megatron_looprpt.training.step import train_step
+from megatron_looprpt.schedule import train_step
 
 RLTT_WEIGHTS = ("last", "uniform", "progressive")
 

@@ -16,10 +16,11 @@ from typing import Deque
 import torch
 
 from megatron_looprpt.models.looped_gpt import HeadRequest, LoopedOutput
+from megatron_looprpt.device import to_device
 from megatron_looprpt.training.objectives import lm_metric_sums
-from megatron_looprpt.training.step import to_device
 from megatron_looprpt.rl.looprpt_loss import LoopRPTConfig, StudentOutputs, TeacherOutputs, looprpt_loss
 from megatron_looprpt.rl.rollouts import LatentNoise, exit_uniforms
+from megatron_looprpt.schedule import train_step
 
 # Metric sums reported by the RL objective; the record divides them as named here.
 RL_SUMS_OVER_HARD = ("reward_mean", "pg_loss", "model_loss", "kl_loss", "entropy")
@@ -114,8 +115,6 @@ def looprpt_train_step(pm, optimizer, scheduler, teacher, batches, cfg: LoopRPTC
                        vocab_size: int, rollout: RolloutConfig, global_batch_size: int,
                        ema_decay: float):
     """Teacher pass, student forward/backward and optimizer step, then the EMA update."""
-    from megatron_looprpt.training.step import train_step
-
     planned = plan_batches(batches)
     teacher_outputs = teacher.run(batches)
     forward_step = make_looprpt_forward_step(teacher_outputs, cfg, vocab_size, rollout)

@@ -27,7 +27,7 @@ from megatron_looprpt.training.flops import FlopShape, peak_tflops, training_flo
 from megatron_looprpt.training.logger import RunLogger
 from megatron_looprpt.training.objectives import lm_objective
 from megatron_looprpt.training.setup import OptimConfig, build_model, build_optimizer
-from megatron_looprpt.training.step import eval_step, make_forward_step, train_step
+from megatron_looprpt.schedule import eval_step, make_forward_step, train_step
 from megatron_looprpt.training.token_rl import TokenRLRun
 
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 import os
 from typing import Any, Dict
 
-from megatron_looprpt.arguments import ConfigError, build_parser
+from megatron_looprpt.arguments import ConfigError
+from megatron_looprpt.flags import build_parser
 from megatron_looprpt.training import checkpointing
 
 

@@ -49,7 +49,7 @@ from megatron_looprpt.models.loss import ExitLossConfig
 from megatron_looprpt.training import checkpointing
 from megatron_looprpt.training.objectives import lm_objective
 from megatron_looprpt.training.setup import OptimConfig, build_model, build_optimizer
-from megatron_looprpt.training.step import make_forward_step, train_step
+from megatron_looprpt.schedule import make_forward_step, train_step
 
 
 def sample(index: int, seq: int, vocab: int):

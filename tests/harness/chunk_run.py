@@ -22,7 +22,7 @@ from megatron_looprpt.models.builder import LoopedModelConfig
 from megatron_looprpt.models.loss import ExitLossConfig
 from megatron_looprpt.training.objectives import lm_objective
 from megatron_looprpt.training.setup import OptimConfig, build_model, build_optimizer
-from megatron_looprpt.training.step import eval_step, make_forward_step, train_step
+from megatron_looprpt.schedule import eval_step, make_forward_step, train_step
 from tests.harness.layout_run import sample
 
 _copies = []

@@ -16,13 +16,13 @@ from megatron_looprpt.models.builder import LoopedModelConfig
 from megatron_looprpt.models.loss import ExitLossConfig
 from megatron_looprpt.training.objectives import lm_objective
 from megatron_looprpt.training.setup import OptimConfig, build_model, build_optimizer
-from megatron_looprpt.training.step import make_forward_step, train_step
+from megatron_looprpt.schedule import make_forward_step, train_step
 from functools import partial
 
 from megatron_looprpt.rl.looprpt_loss import LoopRPTConfig
 from megatron_looprpt.rl.objective import RolloutConfig, looprpt_train_step, rl_record
 from megatron_looprpt.rl.teacher import EMATeacher
-from megatron_looprpt.training.step import reduce_metrics
+from megatron_looprpt.schedule import reduce_metrics
 
 
 def sample(index: int, seq: int, vocab: int):

@@ -20,7 +20,7 @@ from megatron_looprpt.models.builder import LoopedModelConfig
 from megatron_looprpt.models.loss import ExitLossConfig
 from megatron_looprpt.training.objectives import lm_objective
 from megatron_looprpt.training.setup import OptimConfig, build_model, build_optimizer
-from megatron_looprpt.training.step import make_forward_step, train_step
+from megatron_looprpt.schedule import make_forward_step, train_step
 from tests.harness.layout_run import sample
 
 # Reductions megatron started from a backward hook (overlapped), per step.

@@ -23,7 +23,7 @@ from megatron_looprpt.rl.teacher import EMATeacher
 from megatron_looprpt.training import checkpointing
 from megatron_looprpt.training.objectives import lm_objective
 from megatron_looprpt.training.setup import OptimConfig, build_model, build_optimizer
-from megatron_looprpt.training.step import make_forward_step, train_step
+from megatron_looprpt.schedule import make_forward_step, train_step
 from tests.harness.layout_run import sample
 
 DECAY = 0.7  # far from 1, so that every update moves the teacher by a visible amount

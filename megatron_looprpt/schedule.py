@@ -1,4 +1,6 @@
-"""One training (or evaluation) step through megatron-core's pipeline schedules."""
+"""One training (or evaluation) step through megatron-core's pipeline schedules.
+
+Below both the training loop and the RL objectives, which plug their forward steps into it."""
 
 from __future__ import annotations
 
@@ -9,7 +11,6 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-# to_device: the RL objectives' forward steps import it from here too
 from megatron_looprpt.device import compute_device, to_device
 from megatron_looprpt.models.looped_gpt import HeadRequest
 from megatron_looprpt.models.pipeline import PipelinedModel
