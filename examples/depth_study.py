@@ -15,7 +15,7 @@ Two parts, each training the three models from scratch:
   tools/evaluate.py --task-data on held-out walks: answer accuracy per loop step and per hops k
   (for k >= 2 tuples never trained on);
 - ``text``: the quickstart's stage 1 on the quickstart corpus (300 iterations, lr 3e-3 -> 3e-4)
-  with the stage-1 recipe (``quickstart.STAGE1_RECIPE``); held-out cross entropy per loop step.
+  with the default stage-1 recipe (docs/depth.md); held-out cross entropy per loop step.
 
 The table (``results.md``, ``results.json``) gives means and standard deviations over seeds,
 and at the largest k two comparisons: the loop model's last step against its first (the same
@@ -107,7 +107,7 @@ def task_flags(info: dict, task: CompositionTask, iters: int) -> List[str]:
     return [
         "--data-path", info["prefix"], "--split", "95,5,0", "--tokenizer-type", "NullTokenizer",
         "--vocab-size", str(task.vocab_size), "--lr", "1e-3", "--min-lr", "1e-4",
-        "--lr-warmup-iters", str(min(20, iters // 5)), "--train-iters", str(iters), "--step-loss-weights", "uniform",
+        "--lr-warmup-iters", str(min(20, iters // 5)), "--train-iters", str(iters),
     ]
 
 
@@ -116,7 +116,7 @@ def text_flags(iters: int) -> List[str]:
 
     tokenizer, prefixes = quickstart._prepare_data(os.path.join("runs", "quickstart"))
     return [*quickstart._common_flags(tokenizer, prefixes), "--lr", "3e-3", "--min-lr", "3e-4",
-            "--lr-warmup-iters", str(min(20, iters // 5)), "--train-iters", str(iters), *quickstart.STAGE1_RECIPE]
+            "--lr-warmup-iters", str(min(20, iters // 5)), "--train-iters", str(iters)]
 
 
 def train_flags(part_flags: List[str], arm: Arm, seed: int, iters: int, save_dir: str) -> List[str]:

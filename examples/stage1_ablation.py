@@ -30,9 +30,11 @@ from megatron_looprpt.quickstart import STAGE1_ITERS, _common_flags, _prepare_da
 # name -> (what changes, flags added to the quickstart's stage 1)
 ARMS = {
     "t1": ("T=1, same weights (reference)", ["--loop-steps", "1"]),
-    "exit": ("T=4, Ouro's loss, beta 0.05 (the old default)", []),
-    "exit-beta0.1": ("T=4, Ouro's loss, beta 0.1 (Ouro's stage-1a value)", ["--exit-entropy-coef", "0.1"]),
-    "exit-uniform-init": ("T=4, Ouro's loss, gate starting at p(t) = 1/T", ["--exit-gate-init", "uniform"]),
+    "exit": ("T=4, Ouro's loss, beta 0.05 (the old default)", ["--step-loss-weights", "exit"]),
+    "exit-beta0.1": ("T=4, Ouro's loss, beta 0.1 (Ouro's stage-1a value)", ["--step-loss-weights", "exit",
+                                                                              "--exit-entropy-coef", "0.1"]),
+    "exit-uniform-init": ("T=4, Ouro's loss, gate starting at p(t) = 1/T", ["--step-loss-weights", "exit",
+                                                                              "--exit-gate-init", "uniform"]),
     "uniform": ("T=4, backbone on the mean of the per-step losses", ["--step-loss-weights", "uniform"]),
     "last": ("T=4, backbone on the last step's loss only", ["--step-loss-weights", "last"]),
     "progressive": ("T=4, backbone on the per-step losses weighted t / sum(t)", ["--step-loss-weights", "progressive"]),
@@ -40,12 +42,14 @@ ARMS = {
                                                           "--min-lr", "1e-4"]),
     "uniform-lr3e-4": ("T=4, uniform, lr 3e-4 -> 3e-5", ["--step-loss-weights", "uniform", "--lr", "3e-4",
                                                           "--min-lr", "3e-5"]),
-    "exit-lr1e-3": ("T=4, Ouro's loss, lr 1e-3 -> 1e-4", ["--lr", "1e-3", "--min-lr", "1e-4"]),
+    "exit-lr1e-3": ("T=4, Ouro's loss, lr 1e-3 -> 1e-4", ["--step-loss-weights", "exit", "--lr", "1e-3",
+                                                           "--min-lr", "1e-4"]),
     # the token budget: the same arms trained longer
     "t1-1000": ("T=1, 1000 iterations", ["--loop-steps", "1", "--train-iters", "1000"]),
-    "exit-1000": ("T=4, Ouro's loss, 1000 iterations", ["--train-iters", "1000"]),
+    "exit-1000": ("T=4, Ouro's loss, 1000 iterations", ["--step-loss-weights", "exit", "--train-iters", "1000"]),
     "uniform-1000": ("T=4, uniform, 1000 iterations", ["--step-loss-weights", "uniform", "--train-iters", "1000"]),
-    "exit-beta0.1-1000": ("T=4, Ouro's loss, beta 0.1, 1000 iterations", ["--exit-entropy-coef", "0.1",
+    "exit-beta0.1-1000": ("T=4, Ouro's loss, beta 0.1, 1000 iterations", ["--step-loss-weights", "exit",
+                                                                            "--exit-entropy-coef", "0.1",
                                                                             "--train-iters", "1000"]),
 }
 EVAL_ITERS = 20

@@ -60,10 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the exit distribution a new gate starts from: geometric = Ouro's shared gate with "
                         "zero bias (1/2, 1/4, ...); uniform = plus a learned per-step bias starting it at 1/T "
                         "(such a checkpoint cannot be exported to Hugging Face Ouro)")
-    g.add_argument("--step-loss-weights", choices=["exit", "uniform", "progressive", "last"], default="exit",
-                   help="stage 1: how the backbone's per-step losses are weighted: exit = by the gate's exit "
-                        "distribution (Ouro's loss); uniform = 1/T each; progressive = t / sum(t); last = the last "
-                        "step only; for all but exit the gate learns Ouro's exit objective on the detached losses")
+    g.add_argument("--step-loss-weights", choices=["exit", "uniform", "progressive", "last"], default="uniform",
+                   help="stage 1: how the backbone's per-step losses are weighted: uniform = 1/T each (the default: "
+                        "docs/depth.md); exit = by the gate's exit distribution (Ouro's exact loss); progressive = "
+                        "t / sum(t); last = the last step only; for all but exit the gate learns Ouro's exit "
+                        "objective on the detached losses")
 
     g = p.add_argument_group("training")
     g.add_argument("--micro-batch-size", type=int, default=4, help="sequences per micro-batch per data-parallel rank")

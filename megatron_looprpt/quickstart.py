@@ -22,8 +22,6 @@ from megatron_looprpt.data.tokenizers import train_sentencepiece
 VOCAB_SIZE = 4096
 STAGE1_ITERS = 300
 RL_ITERS = 60
-# The stage-1 recipe (docs/stage1_recipe.md: the ablation that chose it)
-STAGE1_RECIPE = ["--step-loss-weights", "uniform"]
 
 
 def _prepare_data(root: str) -> tuple:
@@ -62,7 +60,7 @@ def stage1_flags(save_dir: str, iters: int, warmup: int = 20, interval: int = 10
     """Stage-1 LM pre-training into ``save_dir``, resuming from it when it holds a checkpoint:
     checkpoints (and validation passes) every ``interval`` iterations."""
     return [
-        "--train-iters", str(iters), "--lr", "3e-3", "--min-lr", "3e-4", *STAGE1_RECIPE,
+        "--train-iters", str(iters), "--lr", "3e-3", "--min-lr", "3e-4",
         "--lr-warmup-iters", str(warmup), "--eval-interval", str(interval),
         "--save", save_dir, "--load", save_dir, "--save-interval", str(interval),
         "--log-json", os.path.join(save_dir, "log.jsonl"),
