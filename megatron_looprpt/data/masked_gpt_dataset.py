@@ -47,7 +47,8 @@ class MaskedGPTDataset(GPTDataset):
         # document/offset mapping instead of a copy of it.
         tokens, self.dataset = self.dataset, self.loss_mask_dataset
         try:
-            mask, _ = self._query_document_sample_shuffle_indices(idx)
+            # the sample's ids come first; what follows differs by release (0.19 adds document lengths)
+            mask = self._query_document_sample_shuffle_indices(idx)[0]
         finally:
             self.dataset = tokens
         counted = torch.from_numpy(mask == 1)
