@@ -329,6 +329,8 @@ def trained(tmp_path_factory):
          "--tokenizer-type", "NullTokenizer", "--vocab-size", "256", "--data-path", prefix,
          "--split", "80,10,10", "--micro-batch-size", "4", "--global-batch-size", "8",
          "--train-iters", "60", "--lr", "3e-2", "--min-lr", "3e-3", "--lr-warmup-iters", "2",
+         # Ouro's loss: the model whose entropies fill all three fixed buckets below
+         "--step-loss-weights", "exit",
          "--save", str(root / "ckpt"), "--save-interval", "30", "--log-interval", "30",
          "--no-progress-bar"],
         cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"},

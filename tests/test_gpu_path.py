@@ -57,6 +57,9 @@ def test_forced_cpu_on_a_gpu_host_runs_the_cpu_path_everywhere(single_process_pa
     from megatron_looprpt.schedule import make_forward_step, train_step
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    # torch's optimizers probe the accelerator themselves (a graph-capture check); with a CUDA
+    # build of torch that probe would now find the faked GPU and query a driver that is not there
+    monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda check_available=False: None)
     monkeypatch.setenv("LOOPRPT_FORCE_CPU", "1")
     assert not device.use_cuda() and device.compute_device() == torch.device("cpu")
     cfg = LoopedModelConfig(**TINY, bf16=False)
