@@ -192,6 +192,13 @@ def _validate_parallel(args, world_size: int) -> None:
                  f"--seq-length {args.seq_length} is not divisible by --tensor-model-parallel-size {tp} "
                  "(needed by --sequence-parallel)")
 
+    token_rl = args.rl_algo in ("grpo", "rltt", "rpt")
+    if args.overlap_grad_reduce is None:
+        args.overlap_grad_reduce = not token_rl
+    _require(not (token_rl and args.overlap_grad_reduce),
+             f"--overlap-grad-reduce cannot be used with --rl-algo {args.rl_algo}: its loss gives the exit gate "
+             "no gradient, and megatron-core's overlapped reduction waits for one from every parameter "
+             "(drop the flag or pass --no-overlap-grad-reduce)")
     if args.overlap_param_gather is None:
         # LoopRPT's EMA update reads every student weight right after the optimizer step,
         # before a forward pass would have gathered them

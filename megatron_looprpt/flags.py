@@ -115,8 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="shard activations along the sequence over TP ranks (needs TP > 1)")
     g.add_argument("--use-distributed-optimizer", action="store_true",
                    help="shard optimizer state (and fp32 master weights) over data-parallel ranks")
-    g.add_argument("--overlap-grad-reduce", action=argparse.BooleanOptionalAction, default=True,
-                   help="reduce each gradient bucket during the backward pass, as soon as it is complete (default on)")
+    g.add_argument("--overlap-grad-reduce", action=argparse.BooleanOptionalAction, default=None,
+                   help="reduce each gradient bucket during the backward pass, as soon as it is complete (default: "
+                        "on, except token-level RL (--rl-algo grpo|rltt|rpt), whose loss never reaches the exit gate)")
     g.add_argument("--overlap-param-gather", action=argparse.BooleanOptionalAction, default=None,
                    help="with --use-distributed-optimizer: all-gather the updated weights during the next "
                         "forward pass (default: on with the distributed optimizer, except --rl-algo looprpt)")
