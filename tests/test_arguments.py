@@ -219,7 +219,6 @@ def test_missing_load_directory_starts_from_scratch(tmp_path):
      "--rl-latent-noise-std"),
     # GRPO / RLTT (MOCK's NullTokenizer is refused on its own; a real tokenizer file below)
     (["--rl-algo", "grpo"], 1, "--rl-algo grpo samples text answers"),
-    (["--rl-algo", "rpt", "--overlap-grad-reduce"], 1, "--overlap-grad-reduce cannot be used with --rl-algo rpt"),
     # data, checkpoint, logging
     (["--split", "90,x,1"], 1, "--split"),
     (["--split", "1,1,1,1"], 1, "--split"),
@@ -232,12 +231,15 @@ def test_inconsistent_arguments(argv, world, flag):
     assert flag in error_of(["--model-size", "tiny", *argv, *MOCK], world_size=world)
 
 
-def test_overlapped_grad_reduce_is_off_by_default_only_for_token_level_rl():
+def test_overlapped_grad_reduce_is_off_by_default_only_for_token_level_rl(tmp_path):
     # megatron-core's overlapped reduction waits for a gradient from every parameter; token-level
     # RL's loss gives the exit gate none
+    tokenizer = tmp_path / "tok.model"
+    tokenizer.write_bytes(b"")  # only its existence is checked here
     assert parse_args(["--model-size", "tiny", *MOCK], world_size=1).overlap_grad_reduce
     assert parse_args(["--model-size", "tiny", "--rl-algo", "looprpt", *MOCK], world_size=1).overlap_grad_reduce
-    assert not parse_args(["--model-size", "tiny", "--rl-algo", "rpt", *MOCK], world_size=1).overlap_grad_reduce
+    assert not parse_args(["--model-size", "tiny", "--rl-algo", "rpt", "--mock-data", "--tokenizer-type",
+                           "SentencePieceTokenizer", "--tokenizer-model", str(tokenizer)], world_size=1).overlap_grad_reduce
 
 
 def test_layouts_that_divide_everything_pass():
@@ -256,6 +258,7 @@ def test_layouts_that_divide_everything_pass():
     (["--sequence-parallel", "--tensor-model-parallel-size", "2"], 2, "drop --sequence-parallel"),
     (["--prompt-data", "/nonexistent.jsonl"], 1, "--prompt-data /nonexistent.jsonl does not exist"),
     (["--rl-algo", "rltt", "--rltt-weights", "1,2"], 1, "--rltt-weights: step weights '1,2'"),
+    (["--rl-algo", "rpt", "--overlap-grad-reduce"], 1, "--overlap-grad-reduce cannot be used with --rl-algo rpt"),
     (["--rl-algo", "rpt", "--rpt-min-context", "125", "--seq-length", "128", "--max-new-tokens", "8"], 1,
      "--rpt-min-context 125 + --rpt-horizon 4 must be"),
 ])
