@@ -65,6 +65,9 @@ class Checkpointer:
         extra_models = check_extra_models(extra_models)
         state = dict(state or {})
         self._finish_pending()
+        # with the parameter all-gather overlapped, a step leaves the other ranks' shards of the
+        # new weights on their ranks until the next forward pass
+        pm.sync_params()
         model_sd = pm.model.sharded_state_dict()
         sharded = {"model": model_sd, RNG_KEY: rng_sharded_object(get_rng_state())}
         optim_meta = None
