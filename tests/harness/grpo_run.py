@@ -65,7 +65,9 @@ def main():
         pipeline_parallel=a.pp, make_vocab_size_divisible_by=64, untie_embeddings_and_output_weights=True,
     )
     global_batch = prompts_per_step * samples
-    pm = build_model(cfg, seed=11, use_distributed_optimizer=a.dist_opt)
+    # as pretrain_looprpt.py does for token-level RL: their loss gives the exit gate no gradient,
+    # and megatron-core's overlapped reduction waits for one from every parameter
+    pm = build_model(cfg, seed=11, use_distributed_optimizer=a.dist_opt, overlap_grad_reduce=False)
     optimizer, scheduler = build_optimizer(pm, cfg, OptimConfig(
         lr=1e-3, min_lr=1e-4, lr_warmup_iters=0, lr_decay_iters=10, global_batch_size=global_batch,
         use_distributed_optimizer=a.dist_opt))
