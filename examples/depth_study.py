@@ -166,8 +166,14 @@ def run_one(out: str, part: str, part_flags: List[str], eval_flags: List[str], a
 # the table
 
 
-def _mean_std(values: List[float]) -> tuple:
+def mean_std(values: List[float]) -> tuple:
+    """Mean and sample standard deviation (0 for one value) over seeds."""
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def threads_per_run(jobs: int) -> Optional[int]:
+    """Threads each of ``jobs`` concurrent runs gets (None: one run alone keeps the default)."""
+    return None if jobs == 1 else max(1, (os.cpu_count() or 1) // jobs)
 
 
 def _task_accuracy(model: dict, group: str) -> List[float]:
@@ -196,14 +202,14 @@ def collect_task(reports: Dict[str, List[dict]], descriptions: Dict[str, str], b
         models = [r["models"][0] for r in runs]
         result["arms"][name] = {
             "description": descriptions[name], "seeds": len(models),
-            "accuracy": {k: [_mean_std(list(col)) for col in zip(*[_task_accuracy(m, k) for m in models])]
+            "accuracy": {k: [mean_std(list(col)) for col in zip(*[_task_accuracy(m, k) for m in models])]
                          for k in ks},
         }
     loop = [_task_accuracy(r["models"][0], largest) for r in reports["loop"]]
     t1 = [_task_accuracy(r["models"][0], largest)[-1] for r in reports["t1"]]
-    gain, spread = _mean_std([acc[-1] - acc[0] for acc in loop])
+    gain, spread = mean_std([acc[-1] - acc[0] for acc in loop])
     result["last_vs_first_step"] = {"gain": gain, "std": spread, "beyond_2_std": gain > 2 * spread}
-    last, t1_stats = _mean_std([acc[-1] for acc in loop]), _mean_std(t1)
+    last, t1_stats = mean_std([acc[-1] for acc in loop]), mean_std(t1)
     pooled = math.sqrt(last[1] ** 2 + t1_stats[1] ** 2)
     result["loop_vs_t1"] = {"gain": last[0] - t1_stats[0], "std": pooled,
                             "beyond_2_std": last[0] - t1_stats[0] > 2 * pooled}
@@ -214,10 +220,10 @@ def collect_text(reports: Dict[str, List[dict]], descriptions: Dict[str, str]) -
     result = {"arms": {}}
     for name, runs in reports.items():
         models = [r["models"][0] for r in runs]
-        ce = [_mean_std(list(col)) for col in zip(*[[s["nll"] for s in m["per_step"]] for m in models])]
+        ce = [mean_std(list(col)) for col in zip(*[[s["nll"] for s in m["per_step"]] for m in models])]
         means = [m for m, _ in ce]
         result["arms"][name] = {"description": descriptions[name], "seeds": len(models), "ce": ce,
-                                "lm_loss": _mean_std([m["lm_loss"] for m in models]),
+                                "lm_loss": mean_std([m["lm_loss"] for m in models]),
                                 "non_increasing": all(b <= a for a, b in zip(means, means[1:]))}
     return result
 
@@ -342,7 +348,7 @@ def main(argv=None) -> None:
             # seed by seed, so an interrupted study already holds whole comparisons; the slowest
             # arms first within a seed, so that the workers finish together
             runs = [(arm, seed) for seed in cfg.seeds for arm in sorted(study, key=lambda a: -a.num_layers * a.loop_steps)]
-            threads = None if cfg.jobs == 1 else max(1, (os.cpu_count() or 1) // cfg.jobs)
+            threads = threads_per_run(cfg.jobs)
             with concurrent.futures.ThreadPoolExecutor(cfg.jobs) as pool:
                 for done in [pool.submit(run_one, cfg.out, part, flags, eval_flags, arm, seed, iters, threads)
                              for arm, seed in runs]:

@@ -29,7 +29,6 @@ import concurrent.futures
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -121,19 +120,15 @@ def evaluate(cfg, info: dict, load: str, stage1: str, out: str, threads=None) ->
         return json.load(f)["models"][0]
 
 
-def _mean_std(values: List[float]) -> tuple:
-    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
 def _cell(values: List[float]) -> str:
-    mean, std = _mean_std(values)
+    mean, std = depth_study.mean_std(values)
     return f"{mean:.4f} ± {std:.4f}"
 
 
 def _vs(values: List[float], base: List[float]) -> str:
     """The paired difference of means, called a gain or loss only beyond two standard deviations."""
     diffs = [a - b for a, b in zip(values, base)]
-    mean, std = _mean_std(diffs)
+    mean, std = depth_study.mean_std(diffs)
     verdict = "gain" if mean > 2 * std else ("loss" if mean < -2 * std else "within noise")
     return f"{mean:+.4f} ± {std:.4f} ({verdict})"
 
@@ -221,7 +216,7 @@ def main(argv=None) -> None:
         depth_study.main(["--out", cfg.depth_study, "--parts", "task", "--seeds", *map(str, cfg.seeds)])
 
     first = cfg.seeds[0]
-    threads = None if cfg.jobs == 1 else max(1, (os.cpu_count() or 1) // cfg.jobs)
+    threads = depth_study.threads_per_run(cfg.jobs)
     pool = concurrent.futures.ThreadPoolExecutor(cfg.jobs)
 
     def run_all(calls) -> list:

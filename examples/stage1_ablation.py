@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -26,6 +25,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from megatron_looprpt.quickstart import STAGE1_ITERS, _common_flags, _prepare_data  # noqa: E402
+
+from depth_study import mean_std  # noqa: E402  (examples/depth_study.py)
 
 # name -> (what changes, flags added to the quickstart's stage 1)
 ARMS = {
@@ -105,10 +106,6 @@ def run_arm(arm: str, seed: int, data: tuple, out: str) -> dict:
     return result
 
 
-def _mean_std(values):
-    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
 def table(results: dict, seeds: list) -> tuple:
     rows, lines = {}, [
         f"Held-out cross entropy per loop step after stage 1 (mean ± std over seeds {', '.join(map(str, seeds))}; "
@@ -118,10 +115,10 @@ def table(results: dict, seeds: list) -> tuple:
     ]
     for arm, per_seed in results.items():
         steps = list(zip(*[r["step_loss"] for r in per_seed]))
-        stats = [_mean_std(values) for values in steps]
+        stats = [mean_std(values) for values in steps]
         means = [m for m, _ in stats]
         monotone = all(b <= a for a, b in zip(means, means[1:]))
-        lm = _mean_std([r["lm_loss"] for r in per_seed])
+        lm = mean_std([r["lm_loss"] for r in per_seed])
         cells = [f"{m:.3f} ± {s:.3f}" for m, s in stats] + [""] * (4 - len(stats))
         lines.append(f"| {arm} | {ARMS[arm][0]} | " + " | ".join(cells) +
                      f" | {lm[0]:.3f} ± {lm[1]:.3f} | {'yes' if monotone else 'no'} |")
