@@ -1,7 +1,7 @@
 """Depth study: does a looped model profit from its loops? (Ouro's controlled comparison at CPU scale)
 
     bash examples/depth_study.sh                 # = python examples/depth_study.py (docs/depth.md: wall time)
-    python examples/depth_study.py --parts task --seeds 1 2 3 --task-iters 400
+    python examples/depth_study.py --parts task --seeds 1 2 3 --task-iters 400 --task-num-layers 2
 
 Three models, each for every seed, under one token budget per part:
 - ``t1``:   N shared layers, T = 1 (the looped model's parameters, a quarter of its compute);
@@ -11,11 +11,16 @@ Three models, each for every seed, under one token budget per part:
 Two parts, each training the three models from scratch:
 - ``task``: the composition task (``data/composition.py``: walks through memorised relations,
   trained on the written entities only; ids for the null tokenizer, so the vocabulary is tiny),
-  ``--task-iters`` iterations of 16 x 128 tokens at lr 1e-3 -> 1e-4; scored with
+  ``--task-iters`` iterations of 16 x 128 tokens at lr 1e-3 -> 1e-4, N = ``--task-num-layers``
+  (1: one layer cannot chain the lookups of a multi-hop answer, so the loop is what must do it;
+  with 2, T = 1 learns 4 hops by itself at this budget, docs/depth.md); scored with
   tools/evaluate.py --task-data on held-out walks: answer accuracy per loop step and per hops k
   (for k >= 2 tuples never trained on);
 - ``text``: the quickstart's stage 1 on the quickstart corpus (300 iterations, lr 3e-3 -> 3e-4)
-  with the default stage-1 recipe (docs/depth.md); held-out cross entropy per loop step.
+  with the default stage-1 recipe (docs/depth.md), N = ``--text-num-layers`` (2: the quickstart's
+  tiny preset); held-out cross entropy per loop step.
+
+Runs live under ``--out``/PART/nN/MODEL/seedS, so studies of different N share one directory.
 
 The table (``results.md``, ``results.json``) gives means and standard deviations over seeds,
 and at the largest k two comparisons: the loop model's last step against its first (the same
@@ -139,10 +144,16 @@ def trained_iteration(save_dir: str) -> Optional[int]:
         return None
 
 
-def run_one(out: str, part: str, part_flags: List[str], eval_flags: List[str], arm: Arm, seed: int,
+def part_dir(out: str, part: str, num_layers: int) -> str:
+    """Where a part's runs with an N-layer block live (the models are under MODEL/seedS)."""
+    return os.path.join(out, part, f"n{num_layers}")
+
+
+def run_one(runs: str, part: str, part_flags: List[str], eval_flags: List[str], arm: Arm, seed: int,
             iters: int, threads: Optional[int] = None) -> str:
-    """Train (unless finished) and evaluate (unless reported) one model; its report's path."""
-    run_dir = os.path.join(out, part, arm.name, f"seed{seed}")
+    """Train (unless finished) and evaluate (unless reported) one model under ``runs`` (a
+    ``part_dir``); its report's path."""
+    run_dir = os.path.join(runs, arm.name, f"seed{seed}")
     save_dir = os.path.join(run_dir, "checkpoint")
     report = os.path.join(run_dir, "eval", "evaluation.json")
     if os.path.exists(report):
@@ -248,7 +259,8 @@ def format_tables(results: dict, cfg) -> str:
         for name, arm in task["arms"].items():
             for k, stats in arm["accuracy"].items():
                 cells = [_cell(c) for c in stats] + [""] * (steps - len(stats))
-                lines.append(f"| {name} | {k} | " + " | ".join(cells) + f" | {task['majority_baseline'][k]:.3f} |")
+                lines.append(f"| {name}: {arm['description']} | {k} | " + " | ".join(cells) +
+                             f" | {task['majority_baseline'][k]:.3f} |")
         a, b, k = task["last_vs_first_step"], task["loop_vs_t1"], task["largest_k"]
         lines += ["", f"At k = {k}: loop's last step minus its first {a['gain']:+.3f} (std of the paired "
                   f"differences {a['std']:.3f}: {'beyond' if a['beyond_2_std'] else 'within'} two standard "
@@ -304,12 +316,12 @@ def write_plots(task: dict, out: str) -> Optional[List[str]]:
     return paths
 
 
-def _reports(out: str, part: str, study: List[Arm], seeds: List[int]) -> Dict[str, List[dict]]:
+def _reports(runs_dir: str, study: List[Arm], seeds: List[int]) -> Dict[str, List[dict]]:
     reports = {}
     for arm in study:
         reports[arm.name] = []
         for seed in seeds:
-            with open(os.path.join(out, part, arm.name, f"seed{seed}", "eval", "evaluation.json")) as f:
+            with open(os.path.join(runs_dir, arm.name, f"seed{seed}", "eval", "evaluation.json")) as f:
                 reports[arm.name].append(json.load(f))
     return reports
 
@@ -321,7 +333,8 @@ def main(argv=None) -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--task-iters", type=int, default=1200, help="training iterations of the task part")
     p.add_argument("--text-iters", type=int, default=300, help="training iterations of the text part")
-    p.add_argument("--num-layers", type=int, default=2, help="N, the looped block's layers")
+    p.add_argument("--task-num-layers", type=int, default=1, help="N, the looped block's layers, on the task")
+    p.add_argument("--text-num-layers", type=int, default=2, help="N, the looped block's layers, on text")
     p.add_argument("--loop-steps", type=int, default=4, help="T of the looped model")
     p.add_argument("--max-hops", type=int, default=4, help="the task's largest k")
     p.add_argument("--text-eval-iters", type=int, default=20, help="held-out text batches of 16 x 128 tokens")
@@ -331,8 +344,6 @@ def main(argv=None) -> None:
     p.add_argument("--collect-only", action="store_true", help="rebuild the tables and plots from the reports")
     cfg = p.parse_args(argv)
     start = time.time()
-    study = arms(cfg.num_layers, cfg.loop_steps)
-    descriptions = {arm.name: arm.description for arm in study}
     # one walk per training sequence (seq_length 128 = 127 tokens + eod)
     task = CompositionTask(max_hops=cfg.max_hops, render="ids", walk_words=127)
     results = {"config": {**vars(cfg), "task": vars(task)}}
@@ -341,19 +352,23 @@ def main(argv=None) -> None:
             info = task_data(cfg.out, task, num_train=20_000, heldout_per_k=100)
             flags, iters = task_flags(info, task, cfg.task_iters), cfg.task_iters
             eval_flags = ["--eval-iters", "1", "--task-data", info["heldout"]]
+            num_layers = cfg.task_num_layers
         else:
             flags, iters = text_flags(cfg.text_iters), cfg.text_iters
             eval_flags = ["--eval-iters", str(cfg.text_eval_iters)]
+            num_layers = cfg.text_num_layers
+        study, runs_dir = arms(num_layers, cfg.loop_steps), part_dir(cfg.out, part, num_layers)
+        descriptions = {arm.name: arm.description for arm in study}
         if not cfg.collect_only:
             # seed by seed, so an interrupted study already holds whole comparisons; the slowest
             # arms first within a seed, so that the workers finish together
             runs = [(arm, seed) for seed in cfg.seeds for arm in sorted(study, key=lambda a: -a.num_layers * a.loop_steps)]
             threads = threads_per_run(cfg.jobs)
             with concurrent.futures.ThreadPoolExecutor(cfg.jobs) as pool:
-                for done in [pool.submit(run_one, cfg.out, part, flags, eval_flags, arm, seed, iters, threads)
+                for done in [pool.submit(run_one, runs_dir, part, flags, eval_flags, arm, seed, iters, threads)
                              for arm, seed in runs]:
                     done.result()
-        reports = _reports(cfg.out, part, study, cfg.seeds)
+        reports = _reports(runs_dir, study, cfg.seeds)
         results[part] = (collect_task(reports, descriptions, majority_baseline(info["heldout"])) if part == "task"
                          else collect_text(reports, descriptions))
     text = format_tables(results, cfg)

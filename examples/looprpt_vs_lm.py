@@ -4,7 +4,8 @@
     python examples/looprpt_vs_lm.py --iters 100 --seeds 1 2 3 --out runs/looprpt_vs_lm
 
 Stage 1 is the depth study's looped model on the composition task (examples/depth_study.py,
-``task/loop/seedS``; run first when missing): a model whose later loop steps solve longer
+``task/nN/loop/seedS`` with N = ``--num-layers``, 2 by default: the models docs/studies.md's
+table was measured from; run first when missing): a model whose later loop steps solve longer
 chains. From each seed's stage-1 checkpoint, with a fresh optimizer and the same schedule and
 tokens, three continuations:
 - ``lm``: the stage-1 objective (the depth study's task flags);
@@ -196,24 +197,26 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=os.path.join("runs", "looprpt_vs_lm"))
     p.add_argument("--depth-study", default=os.path.join("runs", "depth_study"),
-                   help="the depth study whose task/loop models are stage 1 (run when missing)")
+                   help="the depth study whose task/nN/loop models are stage 1 (run when missing)")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--iters", type=int, default=100, help="continuation iterations of every method")
     p.add_argument("--eval-iters", type=int, default=20, help="batches of the task's valid split")
     p.add_argument("--lr-sweep", type=float, nargs="+", default=list(LR_SWEEP))
     p.add_argument("--jobs", type=int, default=2, help="runs at once, each on cpu_count / jobs threads")
-    p.add_argument("--num-layers", type=int, default=2)
+    p.add_argument("--num-layers", type=int, default=2, help="N of the depth study's looped task model")
     p.add_argument("--loop-steps", type=int, default=4)
     cfg = p.parse_args(argv)
     start = time.time()
     task = depth_study.CompositionTask(render="ids", walk_words=127)
     info = depth_study.task_data(cfg.depth_study, task, num_train=20_000, heldout_per_k=100)
     task_flags = depth_study.task_flags(info, task, cfg.iters)
-    stage1 = {seed: os.path.join(cfg.depth_study, "task", "loop", f"seed{seed}", "checkpoint") for seed in cfg.seeds}
+    stage1_runs = depth_study.part_dir(cfg.depth_study, "task", cfg.num_layers)
+    stage1 = {seed: os.path.join(stage1_runs, "loop", f"seed{seed}", "checkpoint") for seed in cfg.seeds}
     # a depth-study run is finished when its evaluation is written (after its last checkpoint)
     if not all(os.path.exists(os.path.join(os.path.dirname(path), "eval", "evaluation.json")) for path in stage1.values()):
         _log("stage 1 missing: running the depth study's task part first")
-        depth_study.main(["--out", cfg.depth_study, "--parts", "task", "--seeds", *map(str, cfg.seeds)])
+        depth_study.main(["--out", cfg.depth_study, "--parts", "task", "--task-num-layers", str(cfg.num_layers),
+                          "--loop-steps", str(cfg.loop_steps), "--seeds", *map(str, cfg.seeds)])
 
     first = cfg.seeds[0]
     threads = depth_study.threads_per_run(cfg.jobs)

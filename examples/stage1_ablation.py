@@ -49,6 +49,11 @@ ARMS = {
     "t1-1000": ("T=1, 1000 iterations", ["--loop-steps", "1", "--train-iters", "1000"]),
     "exit-1000": ("T=4, Ouro's loss, 1000 iterations", ["--step-loss-weights", "exit", "--train-iters", "1000"]),
     "uniform-1000": ("T=4, uniform, 1000 iterations", ["--step-loss-weights", "uniform", "--train-iters", "1000"]),
+    "progressive-1000": ("T=4, progressive, 1000 iterations", ["--step-loss-weights", "progressive",
+                                                                "--train-iters", "1000"]),
+    # does depth itself pay on text at this budget? (the looped model's compute, unshared)
+    "deep-1000": ("8 unshared layers, T=1, 1000 iterations", ["--num-layers", "8", "--loop-steps", "1",
+                                                              "--train-iters", "1000"]),
     "exit-beta0.1-1000": ("T=4, Ouro's loss, beta 0.1, 1000 iterations", ["--step-loss-weights", "exit",
                                                                             "--exit-entropy-coef", "0.1",
                                                                             "--train-iters", "1000"]),
