@@ -20,7 +20,8 @@ Two parts, each training the three models from scratch:
   with the default stage-1 recipe (docs/depth.md), N = ``--text-num-layers`` (2: the quickstart's
   tiny preset); held-out cross entropy per loop step.
 
-Runs live under ``--out``/PART/nN/MODEL/seedS, so studies of different N share one directory.
+Runs live under ``--out``/PART/nN_Iit/MODEL/seedS (N layers, I iterations), so studies of
+different shapes and budgets share one directory.
 
 The table (``results.md``, ``results.json``) gives means and standard deviations over seeds,
 and at the largest k two comparisons: the loop model's last step against its first (the same
@@ -53,6 +54,7 @@ sys.path.insert(0, ROOT)
 from megatron_looprpt.data.composition import CompositionTask, write_composition_task  # noqa: E402
 
 TRACKER = "latest_checkpointed_iteration.txt"
+TASK_ITERS = 1200
 PARTS = ("task", "text")
 
 
@@ -144,9 +146,10 @@ def trained_iteration(save_dir: str) -> Optional[int]:
         return None
 
 
-def part_dir(out: str, part: str, num_layers: int) -> str:
-    """Where a part's runs with an N-layer block live (the models are under MODEL/seedS)."""
-    return os.path.join(out, part, f"n{num_layers}")
+def part_dir(out: str, part: str, num_layers: int, iters: int) -> str:
+    """Where a part's runs with an N-layer block and a budget of ``iters`` live (the models under
+    MODEL/seedS): a rerun with another N or budget starts its own runs instead of resuming these."""
+    return os.path.join(out, part, f"n{num_layers}_{iters}it")
 
 
 def run_one(runs: str, part: str, part_flags: List[str], eval_flags: List[str], arm: Arm, seed: int,
@@ -331,7 +334,7 @@ def main(argv=None) -> None:
     p.add_argument("--out", default=os.path.join("runs", "depth_study"))
     p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    p.add_argument("--task-iters", type=int, default=1200, help="training iterations of the task part")
+    p.add_argument("--task-iters", type=int, default=TASK_ITERS, help="training iterations of the task part")
     p.add_argument("--text-iters", type=int, default=300, help="training iterations of the text part")
     p.add_argument("--task-num-layers", type=int, default=1, help="N, the looped block's layers, on the task")
     p.add_argument("--text-num-layers", type=int, default=2, help="N, the looped block's layers, on text")
@@ -357,7 +360,7 @@ def main(argv=None) -> None:
             flags, iters = text_flags(cfg.text_iters), cfg.text_iters
             eval_flags = ["--eval-iters", str(cfg.text_eval_iters)]
             num_layers = cfg.text_num_layers
-        study, runs_dir = arms(num_layers, cfg.loop_steps), part_dir(cfg.out, part, num_layers)
+        study, runs_dir = arms(num_layers, cfg.loop_steps), part_dir(cfg.out, part, num_layers, iters)
         descriptions = {arm.name: arm.description for arm in study}
         if not cfg.collect_only:
             # seed by seed, so an interrupted study already holds whole comparisons; the slowest

@@ -4,7 +4,7 @@
     python examples/looprpt_vs_lm.py --iters 100 --seeds 1 2 3 --out runs/looprpt_vs_lm
 
 Stage 1 is the depth study's looped model on the composition task (examples/depth_study.py,
-``task/nN/loop/seedS`` with N = ``--num-layers``, 2 by default: the models docs/studies.md's
+``task/nN_1200it/loop/seedS`` with N = ``--num-layers``, 2 by default: the models docs/studies.md's
 table was measured from; run first when missing): a model whose later loop steps solve longer
 chains. From each seed's stage-1 checkpoint, with a fresh optimizer and the same schedule and
 tokens, three continuations:
@@ -197,7 +197,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=os.path.join("runs", "looprpt_vs_lm"))
     p.add_argument("--depth-study", default=os.path.join("runs", "depth_study"),
-                   help="the depth study whose task/nN/loop models are stage 1 (run when missing)")
+                   help="the depth study whose task/nN_1200it/loop models are stage 1 (run when missing)")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--iters", type=int, default=100, help="continuation iterations of every method")
     p.add_argument("--eval-iters", type=int, default=20, help="batches of the task's valid split")
@@ -210,7 +210,7 @@ def main(argv=None) -> None:
     task = depth_study.CompositionTask(render="ids", walk_words=127)
     info = depth_study.task_data(cfg.depth_study, task, num_train=20_000, heldout_per_k=100)
     task_flags = depth_study.task_flags(info, task, cfg.iters)
-    stage1_runs = depth_study.part_dir(cfg.depth_study, "task", cfg.num_layers)
+    stage1_runs = depth_study.part_dir(cfg.depth_study, "task", cfg.num_layers, depth_study.TASK_ITERS)
     stage1 = {seed: os.path.join(stage1_runs, "loop", f"seed{seed}", "checkpoint") for seed in cfg.seeds}
     # a depth-study run is finished when its evaluation is written (after its last checkpoint)
     if not all(os.path.exists(os.path.join(os.path.dirname(path), "eval", "evaluation.json")) for path in stage1.values()):

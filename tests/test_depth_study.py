@@ -1,5 +1,5 @@
 """examples/depth_study.py: the tables and the two comparisons the depth study's verdict rests on,
-collected from hand-made evaluation reports with known values (runs under --out/PART/nN/)."""
+collected from hand-made evaluation reports with known values (runs under --out/PART/nN_Iit/)."""
 
 import importlib.util
 import json
@@ -47,8 +47,8 @@ def _heldout(path):
 
 def test_comparisons_at_the_largest_k(tmp_path):
     study = _study_module()
-    runs = study.part_dir(str(tmp_path), "task", 1)
-    assert runs == os.path.join(str(tmp_path), "task", "n1")
+    runs = study.part_dir(str(tmp_path), "task", 1, 1200)
+    assert runs == os.path.join(str(tmp_path), "task", "n1_1200it")
     # loop: step 1 -> step 2 gains 0.5, 0.6, 0.7 (mean 0.6, std 0.1: beyond 2 std)
     loop = {1: [(0.1, 0.6), (0.2, 0.8), (0.1, 0.8)], 2: [(1.0, 1.0)] * 3}
     t1 = [0.3, 0.6, 0.45]         # mean 0.45, std 0.15 against loop's last step 0.733 +- 0.115
@@ -91,7 +91,7 @@ def test_comparisons_at_the_largest_k(tmp_path):
 def test_collect_only_writes_both_tables(tmp_path, monkeypatch):
     study = _study_module()
     out = tmp_path / "study"
-    task_runs, text_runs = study.part_dir(str(out), "task", 1), study.part_dir(str(out), "text", 2)
+    task_runs, text_runs = study.part_dir(str(out), "task", 1, 1200), study.part_dir(str(out), "text", 2, 300)
     for seed in (1, 2):
         _write(task_runs, "loop", seed, _task_report({"1": [1.0, 1.0], "2": [0.2, 0.9 + 0.01 * seed]}))
         _write(task_runs, "t1", seed, _task_report({"1": [1.0], "2": [0.3]}))
