@@ -67,9 +67,10 @@ class Arm:
 
 
 def arms(num_layers: int, loop_steps: int) -> List[Arm]:
+    layers = f"{num_layers} layer" + ("s" if num_layers != 1 else "")
     return [
-        Arm("t1", f"{num_layers} layers, T=1 (same parameters)", num_layers, 1),
-        Arm("loop", f"{num_layers} layers looped T={loop_steps}", num_layers, loop_steps),
+        Arm("t1", f"{layers}, T=1 (same parameters)", num_layers, 1),
+        Arm("loop", f"{layers} looped T={loop_steps}", num_layers, loop_steps),
         Arm("deep", f"{num_layers * loop_steps} unshared layers, T=1 (same compute)", num_layers * loop_steps, 1),
     ]
 

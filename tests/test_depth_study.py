@@ -108,8 +108,8 @@ def test_collect_only_writes_both_tables(tmp_path, monkeypatch):
     study.main(["--out", str(out), "--collect-only", "--seeds", "1", "2", "--loop-steps", "2", "--max-hops", "2"])
 
     table = (out / "results.md").read_text()
-    assert "| loop: 1 layers looped T=2 | 2 | 0.200 ± 0.000 | 0.915 ± 0.007 | 0.500 |" in table
-    assert "| t1: 1 layers, T=1 (same parameters) | 2 | 0.300 ± 0.000 |  | 0.500 |" in table
+    assert "| loop: 1 layer looped T=2 | 2 | 0.200 ± 0.000 | 0.915 ± 0.007 | 0.500 |" in table
+    assert "| t1: 1 layer, T=1 (same parameters) | 2 | 0.300 ± 0.000 |  | 0.500 |" in table
     assert "loop's last step minus its first +0.715" in table and "beyond two standard deviations" in table
     assert "| loop: 2 layers looped T=2 | 5.000 ± 0.000 | 4.915 ± 0.007 | 4.950 ± 0.000 | yes |" in table
     assert "| deep: 4 unshared layers, T=1 (same compute) | 4.400 ± 0.000 |  | 4.400 ± 0.000 | yes |" in table
