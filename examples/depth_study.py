@@ -298,6 +298,7 @@ def write_plots(task: dict, out: str) -> Optional[List[str]]:
         ax.errorbar(xs, [m for m, _ in stats], yerr=[s for _, s in stats], marker="o", capsize=3,
                     label=f"{name}: {arm['description']}")
     ax.axhline(task["majority_baseline"][k], color="gray", linestyle=":", label="majority answer")
+    ax.set_xticks(range(1, loop_steps + 1))
     ax.set_xlabel("loop step (compute in N-layer blocks)")
     ax.set_ylabel(f"held-out accuracy, k = {k}")
     ax.set_ylim(0, 1)
@@ -310,6 +311,7 @@ def write_plots(task: dict, out: str) -> Optional[List[str]]:
     for name, arm in arms_.items():
         ax.errorbar([int(x) for x in ks], [arm["accuracy"][x][-1][0] for x in ks],
                     yerr=[arm["accuracy"][x][-1][1] for x in ks], marker="o", capsize=3, label=f"{name} (last step)")
+    ax.set_xticks([int(x) for x in ks])
     ax.set_xlabel("hops k")
     ax.set_ylabel("held-out accuracy")
     ax.set_ylim(0, 1)

@@ -116,3 +116,6 @@ def test_collect_only_writes_both_tables(tmp_path, monkeypatch):
     results = json.loads((out / "results.json").read_text())
     assert results["config"]["task_num_layers"] == 1 and results["config"]["text_num_layers"] == 2
     assert results["task"]["last_vs_first_step"]["beyond_2_std"]
+    if importlib.util.find_spec("matplotlib") is not None:
+        for name in ("accuracy_vs_step.png", "accuracy_vs_k.png"):
+            assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
