@@ -111,6 +111,11 @@ def run_arm(arm: str, seed: int, data: tuple, out: str) -> dict:
     return result
 
 
+def _cell(stats: tuple, seeds: int) -> str:
+    """Mean ± std over seeds; the mean alone for one seed, which has no spread to show."""
+    return f"{stats[0]:.3f} ± {stats[1]:.3f}" if seeds > 1 else f"{stats[0]:.3f}"
+
+
 def table(results: dict, seeds: list) -> tuple:
     rows, lines = {}, [
         f"Held-out cross entropy per loop step after stage 1 (mean ± std over seeds {', '.join(map(str, seeds))}; "
@@ -124,9 +129,9 @@ def table(results: dict, seeds: list) -> tuple:
         means = [m for m, _ in stats]
         monotone = all(b <= a for a, b in zip(means, means[1:]))
         lm = mean_std([r["lm_loss"] for r in per_seed])
-        cells = [f"{m:.3f} ± {s:.3f}" for m, s in stats] + [""] * (4 - len(stats))
+        cells = [_cell(x, len(per_seed)) for x in stats] + [""] * (4 - len(stats))
         lines.append(f"| {arm} | {ARMS[arm][0]} | " + " | ".join(cells) +
-                     f" | {lm[0]:.3f} ± {lm[1]:.3f} | {'yes' if monotone else 'no'} |")
+                     f" | {_cell(lm, len(per_seed))} | {'yes' if monotone else 'no'} |")
         rows[arm] = {"description": ARMS[arm][0], "flags": ARMS[arm][1], "step_loss": stats, "lm_loss": lm,
                      "non_increasing": monotone, "seeds": seeds}
     return "\n".join(lines), rows
