@@ -1,6 +1,6 @@
 """Stage-1 ablation: which choices make a looped model's later loop steps better on text.
 
-    python examples/stage1_ablation.py                      # every arm, 1 seed: about 4 h on 2 CPU cores (the 1000-iteration arms 25-35 min each)
+    python examples/stage1_ablation.py                      # every arm, 1 seed: ~4 h on 2 CPU cores
     python examples/stage1_ablation.py --arms exit uniform --seeds 1234 1235
 
 Each arm is the quickstart's stage 1 (tiny preset, the quickstart corpus, 16 x 128 tokens per
