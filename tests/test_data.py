@@ -1,6 +1,5 @@
 """Data layer: corpus, tokenizers, preprocessing, megatron datasets and the resumable sampler."""
 
-import importlib.util
 import json
 import os
 
@@ -13,15 +12,12 @@ from megatron_looprpt.data.corpus import generate_reasoning, harvest_stdlib_text
 from megatron_looprpt.data.datasets import build_data_iterator, build_datasets, \
     preprocess_jsonl, validate_data_prefixes
 from megatron_looprpt.data.tokenizers import NullTokenizer, build_tokenizer, train_sentencepiece
+from tests.scripts import load_script
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _load_tool(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO_ROOT, "tools", name + ".py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(os.path.join("tools", name + ".py"), name)
 
 
 @pytest.fixture(scope="module")

@@ -4,21 +4,16 @@ collected from hand-made evaluation reports with known values (runs under --out/
 import importlib.util
 import json
 import os
-import sys
 
 import pytest
 
-from tests.torchrun import ROOT
+from tests.scripts import load_script
 
-STUDY = os.path.join(ROOT, "examples", "depth_study.py")
+STUDY = os.path.join("examples", "depth_study.py")
 
 
 def _study_module():
-    spec = importlib.util.spec_from_file_location("depth_study", STUDY)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module   # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_script(STUDY, "depth_study")
 
 
 def _task_report(per_k):

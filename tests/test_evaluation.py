@@ -18,6 +18,7 @@ import torch
 from megatron_looprpt.evaluation import metrics
 from megatron_looprpt.evaluation.metrics import MetricSpec
 from megatron_looprpt.models.exit_gate import exit_distribution, q_exit_steps
+from tests.scripts import load_script
 from tests.torchrun import ROOT, run
 
 EVALUATE = "tools/evaluate.py"
@@ -525,10 +526,7 @@ def test_layouts_give_the_single_process_numbers(trained, request, tmp_path, npr
 # one-line errors naming the flag
 # ------------------------------------------------------------------------------------------
 def _evaluate_main():
-    spec = importlib.util.spec_from_file_location("evaluate_cli", os.path.join(ROOT, EVALUATE))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    return load_script(EVALUATE, "evaluate_cli").main
 
 
 def _error(capsys, argv):

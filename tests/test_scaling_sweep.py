@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+from tests.scripts import load_script
 from tests.torchrun import ROOT
 
 SWEEP = os.path.join(ROOT, "examples", "scaling", "sweep.py")
@@ -17,11 +18,7 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def _sweep_module():
-    spec = importlib.util.spec_from_file_location("scaling_sweep", SWEEP)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module   # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SWEEP, "scaling_sweep")
 
 
 # ------------------------------------------------------------------------------------------
