@@ -175,11 +175,11 @@ def render(cfg, sweep: Dict[str, Dict[float, float]], chosen: Dict[str, float], 
         at_budget = [matched(m, base["q_exit"]["avg_steps"]) for m, base in zip(runs, lm)]
         lm_budget = [matched(base, base["q_exit"]["avg_steps"]) for base in lm]
         lm_at_ours = [matched(base, m["q_exit"]["avg_steps"]) for m, base in zip(runs, lm)]
-        other = "" if method == "lm" else f"{_cell(lm_at_ours)} | {_vs(accuracy, lm_at_ours)}"
+        other = " | " if method == "lm" else f"{_cell(lm_at_ours)} | {_vs(accuracy, lm_at_ours)}"
         lines.append(f"| {method} | {_cell(steps_used)} | {_cell(accuracy)} | "
                      f"{'' if method == 'lm' else _vs(accuracy, [m['q_exit']['accuracy'] for m in lm])} | "
                      f"{_cell(at_budget)} | {'' if method == 'lm' else _vs(at_budget, lm_budget)} | "
-                     f"{other or ' | '} |")
+                     f"{other} |")
     ks = [g["group"] for g in lm[0]["task"]["groups"]]
     lines += ["", "Held-out composition problems (tuples never trained on for k >= 2): accuracy per loop step by k", "",
               f"| method | k | {header} | last step vs LM |", "| --- | --- |" + " --- |" * (steps + 1)]
