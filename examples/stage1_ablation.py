@@ -39,6 +39,8 @@ ARMS = {
     "uniform": ("T=4, backbone on the mean of the per-step losses", ["--step-loss-weights", "uniform"]),
     "last": ("T=4, backbone on the last step's loss only", ["--step-loss-weights", "last"]),
     "progressive": ("T=4, backbone on the per-step losses weighted t / sum(t)", ["--step-loss-weights", "progressive"]),
+    "uniform-stepemb": ("T=4, uniform, a learned input vector per loop step (not Ouro's)",
+                        ["--step-loss-weights", "uniform", "--loop-step-embedding"]),
     "uniform-lr1e-3": ("T=4, uniform, lr 1e-3 -> 1e-4", ["--step-loss-weights", "uniform", "--lr", "1e-3",
                                                           "--min-lr", "1e-4"]),
     "uniform-lr3e-4": ("T=4, uniform, lr 3e-4 -> 3e-5", ["--step-loss-weights", "uniform", "--lr", "3e-4",

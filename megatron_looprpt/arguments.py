@@ -442,9 +442,9 @@ def _validate_logging(args) -> None:
 # base and the norms' epsilon change every activation without changing a shape)
 _CHECKPOINT_SHAPE = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
                      "ffn_hidden_size", "untie_embeddings_and_output_weights", "rotary_base", "norm_epsilon",
-                     "exit_gate_init")
+                     "exit_gate_init", "loop_step_embedding")
 # what a checkpoint written before a flag existed was trained with
-_CHECKPOINT_DEFAULTS = {"exit_gate_init": "geometric"}
+_CHECKPOINT_DEFAULTS = {"exit_gate_init": "geometric", "loop_step_embedding": False}
 
 
 def check_checkpoint_shape(args: argparse.Namespace, saved_args: dict) -> None:
@@ -457,9 +457,13 @@ def check_checkpoint_shape(args: argparse.Namespace, saved_args: dict) -> None:
         for name in _CHECKPOINT_SHAPE
         if name in saved_args and saved_args[name] != getattr(args, name)
     ]
-    if saved_args["exit_gate_init"] == "uniform" and saved_args.get("loop_steps", args.loop_steps) != args.loop_steps:
+    saved_steps = saved_args.get("loop_steps", args.loop_steps)
+    if saved_args["exit_gate_init"] == "uniform" and saved_steps != args.loop_steps:
         mismatches.append(f"--loop-steps {args.loop_steps} but the checkpoint's gate has a bias for each of its "
-                          f"{saved_args['loop_steps']} steps (--exit-gate-init uniform)")
+                          f"{saved_steps} steps (--exit-gate-init uniform)")
+    if saved_args["loop_step_embedding"] and saved_steps != args.loop_steps:
+        mismatches.append(f"--loop-steps {args.loop_steps} but the checkpoint has an input embedding for each of "
+                          f"its {saved_steps} steps (--loop-step-embedding)")
     ours, theirs = getattr(args, "padded_vocab_size", None), saved_args.get("padded_vocab_size")
     if ours is not None and theirs is not None and ours != theirs:
         mismatches.append(f"padded vocabulary {ours} (from the tokenizer or --vocab-size) "

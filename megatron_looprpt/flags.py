@@ -60,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the exit distribution a new gate starts from: geometric = Ouro's shared gate with "
                         "zero bias (1/2, 1/4, ...); uniform = plus a learned per-step bias starting it at 1/T "
                         "(such a checkpoint cannot be exported to Hugging Face Ouro)")
+    g.add_argument("--loop-step-embedding", action="store_true",
+                   help="add a learned vector per loop step to the shared block's input, so that the block can "
+                        "tell its steps apart (Universal Transformer's timestep signal; Ouro has none: such a "
+                        "checkpoint cannot be exported to Hugging Face Ouro; docs/model.md)")
     g.add_argument("--step-loss-weights", choices=["exit", "uniform", "progressive", "last"], default="uniform",
                    help="stage 1: how the backbone's per-step losses are weighted: uniform = 1/T each (the default: "
                         "docs/depth.md); exit = by the gate's exit distribution (Ouro's exact loss); progressive = "

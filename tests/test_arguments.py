@@ -326,6 +326,14 @@ def test_checkpoint_of_another_shape_is_refused():
     assert "--untie-embeddings-and-output-weights True but the checkpoint has False" in message
     with pytest.raises(ConfigError, match="padded vocabulary 512 .* has 1024"):
         check_checkpoint_shape(args, {**saved, "padded_vocab_size": 1024})
+    # a checkpoint from before --loop-step-embedding existed was trained without it
+    with pytest.raises(ConfigError, match="--loop-step-embedding True but the checkpoint has False"):
+        check_checkpoint_shape(parse_args(MOCK + ["--loop-step-embedding"]), saved)
+    # with it, the weights have one vector per step: T is then part of the shape
+    embedded = {**saved, "loop_step_embedding": True}
+    check_checkpoint_shape(parse_args(MOCK + ["--loop-step-embedding"]), {**embedded, "loop_steps": 4})
+    with pytest.raises(ConfigError, match="--loop-steps 4 but the checkpoint has an input embedding for each of its 8"):
+        check_checkpoint_shape(parse_args(MOCK + ["--loop-step-embedding"]), {**embedded, "loop_steps": 8})
 
 
 def test_cli_reports_one_line_and_exit_code_2_without_heavy_imports():

@@ -179,7 +179,7 @@ def our_forward(ckpt_dir: str, tokens: torch.Tensor):
     from megatron_looprpt.models.looped_gpt import HeadRequest
     from megatron_looprpt.training import checkpointing
     from megatron_looprpt.training.loop import model_config
-    from megatron_looprpt.training.setup import build_model
+    from megatron_looprpt.models.builder import build_model
 
     args = Namespace(**checkpointing.read_checkpoint_args(ckpt_dir))
     args.transformer_impl = "local"  # derived at run time (validate_args); this test runs on CPU
@@ -313,6 +313,27 @@ def test_refusals_are_one_line_errors_before_any_work(tmp_path, case, argv, mess
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("convert.py: error:") and message in lines[0], result.stderr
     assert not (tmp_path / "out").exists() or not os.listdir(tmp_path / "out")
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--exit-gate-init uniform", "trained with --exit-gate-init uniform, whose per-step exit-gate biases"),
+    ("--loop-step-embedding", "trained with --loop-step-embedding, whose per-step input embeddings"),
+])
+def test_a_checkpoint_with_weights_ouro_has_no_place_for_is_refused(tmp_path, flag, message):
+    trained = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "pretrain_looprpt.py"), "--mock-data", "--tokenizer-type",
+         "NullTokenizer", "--vocab-size", "128", "--num-layers", "1", "--hidden-size", "32",
+         "--num-attention-heads", "2", "--ffn-hidden-size", "64", "--seq-length", "16", "--train-iters", "1",
+         "--save", str(tmp_path / "mcore"), "--no-progress-bar", *flag.split()],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"},
+        capture_output=True, text=True, timeout=300)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    result = convert("--source-format", "mcore", "--target-format", "hf", "--load-dir", tmp_path / "mcore",
+                     "--save-dir", tmp_path / "out")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "Ouro's format cannot hold" in lines[0], result.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_megatron_source_whose_vocabulary_exceeds_its_embedding_rows(tmp_path):

@@ -53,7 +53,8 @@ def test_forced_cpu_on_a_gpu_host_runs_the_cpu_path_everywhere(single_process_pa
     from megatron_looprpt.models.loss import ExitLossConfig
     from megatron_looprpt.training.flops import peak_tflops
     from megatron_looprpt.training.objectives import lm_objective
-    from megatron_looprpt.training.setup import OptimConfig, build_model, build_optimizer
+    from megatron_looprpt.models.builder import build_model
+    from megatron_looprpt.training.setup import OptimConfig, build_optimizer
     from megatron_looprpt.schedule import make_forward_step, train_step
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

@@ -65,6 +65,26 @@ def test_tied_embeddings_across_pipeline_stages_match_single_process(layout, tmp
     assert got[0]["loss"] != got[-1]["loss"]
 
 
+@pytest.mark.slow
+def test_loop_step_embedding_matches_single_process(tmp_path, tmp_path_factory):
+    # the per-step input vectors live on the first stage and see a slice of the sequence per TP
+    # rank under SP, so TP x PP x SP is where their gradient could go wrong
+    expected = run_json("tests/harness/layout_run.py", 1, ["--loops", 4, "--loop-step-embedding"],
+                        tmp_path_factory.mktemp("stepemb") / "ref.json")
+    nproc, flags = LAYOUTS["tp2_pp2_sp"]
+    got = run_json("tests/harness/layout_run.py", nproc, [*flags, "--loops", 4, "--loop-step-embedding"],
+                   tmp_path / "run.json")
+    without = reference(4, tmp_path_factory)
+    assert len(got) == len(expected) == 3
+    for g, e in zip(got, expected):
+        assert_close(g["loss"], e["loss"])
+        assert_close(g["grad_norm"], e["grad_norm"])
+    # zero at the start, the vectors are the only difference from Ouro's model: the first step's
+    # loss is that model's, and once the optimizer has moved them the losses part
+    assert_close(expected[0]["loss"], without[0]["loss"])
+    assert expected[-1]["loss"] != without[-1]["loss"]
+
+
 RL_LAYOUTS = {k: LAYOUTS[k] for k in ("tp2", "tp2_sp", "pp2", "dp2_distopt", "tp2_pp2_sp")}
 _rl_reference = {}
 # The policy-gradient term is a sum of +-advantage * log-prob that nearly cancels; its

@@ -6,13 +6,12 @@ from functools import partial
 import pytest
 import torch
 
-from megatron_looprpt.models.builder import LoopedModelConfig
+from megatron_looprpt.models.builder import LoopedModelConfig, build_model
 from megatron_looprpt.models.exit_gate import exit_distribution, exit_log_distribution
 from megatron_looprpt.models.loss import ExitLossConfig, stage1_token_loss
 from megatron_looprpt.training.logger import IntervalAverage, format_line
 from megatron_looprpt.training.loop import lm_record
 from megatron_looprpt.training.objectives import lm_objective
-from megatron_looprpt.training.setup import build_model
 from megatron_looprpt.schedule import eval_step, make_forward_step
 
 T, B, S, V = 4, 2, 16, 128

@@ -13,11 +13,11 @@ from megatron_looprpt.models.looped_gpt import HeadRequest
 SEQ, BATCH, VOCAB = 12, 2, 128
 
 
-def make_model(loops, untie=True):
+def make_model(loops, untie=True, loop_step_embedding=False):
     cfg = LoopedModelConfig(
         num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
         ffn_hidden_size=96, vocab_size=VOCAB, max_position_embeddings=32, loop_steps=loops,
-        untie_embeddings_and_output_weights=untie,
+        untie_embeddings_and_output_weights=untie, loop_step_embedding=loop_step_embedding,
     )
     model = build_stage(cfg)
     init_weights(model, seed=3, std=0.05, effective_depth=2 * loops)
@@ -83,6 +83,28 @@ def test_per_step_outputs_and_exit_distribution(single_process_parallel):
     assert torch.all(q_exit_steps(p, 0.3) < loops - 1)
     e = expected_exit_step(p)
     assert torch.all((e >= 1) & (e <= loops))
+
+
+def test_loop_step_embedding_starts_as_ouro_and_tells_the_steps_apart(single_process_parallel):
+    _, plain = make_model(loops=3)
+    _, embedded = make_model(loops=3, loop_step_embedding=True)
+    assert embedded.loop_step_embedding.shape == (3, 64)
+    tokens, labels, positions = batch(2)
+    head = HeadRequest(logits=True)
+    # initialised to zero, every other weight drawn as without it: the same model as Ouro's
+    expected = plain(tokens, positions, None, labels=labels, head=head)
+    got = embedded(tokens, positions, None, labels=labels, head=head)
+    for e, g in zip(expected.steps, got.steps):
+        assert torch.equal(e.logits, g.logits)
+    # its gradient reaches every step's vector, and a vector moves only the steps from its own on
+    stage1_token_loss(got.stack("label_logprobs"), got.stack("gate_logits"), 0.05).mean().backward()
+    assert torch.all(embedded.loop_step_embedding.grad.abs().sum(-1) > 0)
+    with torch.no_grad():
+        embedded.loop_step_embedding[1].normal_(std=0.5)
+        moved = embedded(tokens, positions, None, labels=labels, head=head)
+    assert torch.equal(moved.steps[0].logits, expected.steps[0].logits)
+    assert not torch.allclose(moved.steps[1].logits, expected.steps[1].logits)
+    assert not torch.allclose(moved.steps[2].logits, expected.steps[2].logits)
 
 
 def test_head_recompute_gives_the_same_gradients(single_process_parallel):

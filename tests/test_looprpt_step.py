@@ -9,7 +9,7 @@ import torch
 
 import megatron_looprpt
 
-from megatron_looprpt.models.builder import LoopedModelConfig
+from megatron_looprpt.models.builder import LoopedModelConfig, build_model
 from megatron_looprpt.models.exit_gate import exit_log_distribution
 from megatron_looprpt.models.looped_gpt import HeadRequest
 from megatron_looprpt.rl.looprpt_loss import (LoopRPTConfig, StudentOutputs, TeacherOutputs,
@@ -20,7 +20,6 @@ from megatron_looprpt.rl.objective import (RolloutConfig, make_looprpt_forward_s
                                            plan_batches)
 from megatron_looprpt.rl.rollouts import LatentNoise, exit_uniforms
 from megatron_looprpt.rl.teacher import EMATeacher
-from megatron_looprpt.training.setup import build_model
 from megatron_looprpt.schedule import run_schedule
 
 PACKAGE = os.path.dirname(os.path.abspath(megatron_looprpt.__file__))

@@ -133,7 +133,8 @@ def memory_worker(a) -> None:
     import torch.distributed as dist
 
     from megatron_looprpt import parallel
-    from megatron_looprpt.training.setup import OptimConfig, build_model, build_optimizer
+    from megatron_looprpt.models.builder import build_model
+    from megatron_looprpt.training.setup import OptimConfig, build_optimizer
 
     parallel.initialize(a.tp, a.pp, seed=1)
     cfg = model_cfg(a, a.tp, a.pp)

@@ -49,7 +49,8 @@ def main():
     from megatron_looprpt.rl.objective import RolloutConfig, looprpt_train_step
     from megatron_looprpt.rl.teacher import EMATeacher
     from megatron_looprpt.training.objectives import lm_objective
-    from megatron_looprpt.training.setup import OptimConfig, build_model, build_optimizer
+    from megatron_looprpt.models.builder import build_model
+    from megatron_looprpt.training.setup import OptimConfig, build_optimizer
     from megatron_looprpt.schedule import make_forward_step, train_step
 
     device = parallel.initialize(1, 1, seed=1)

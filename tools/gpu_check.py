@@ -183,7 +183,7 @@ def check_fp8_weight_refresh(plan: Plan) -> dict:
     import torch
 
     from megatron_looprpt.models.pipeline import LoopStepChunk
-    from megatron_looprpt.training.setup import build_model
+    from megatron_looprpt.models.builder import build_model
 
     cfg = _config(plan, plan.small_layers, impl=_impl(plan), fp8=True, seq=plan.parity_seq)
     pm = build_model(cfg, seed=3, wrap_ddp=False)
@@ -230,7 +230,7 @@ def check_fp8_weight_refresh(plan: Plan) -> dict:
 def check_te_vs_local_parity(plan: Plan) -> dict:
     import torch
 
-    from megatron_looprpt.training.setup import build_model
+    from megatron_looprpt.models.builder import build_model
 
     if not plan.dry_run and not _have_te():
         raise Skip("needs Transformer Engine")
@@ -272,7 +272,7 @@ def check_fusion_parity(plan: Plan) -> dict:
     import torch
 
     from megatron_looprpt.models.fusions import FusionRequest
-    from megatron_looprpt.training.setup import build_model
+    from megatron_looprpt.models.builder import build_model
 
     batch = _batches(plan, 1, plan.parity_seq, seed=8)[0]
     logits, settings = {}, {}
@@ -308,7 +308,8 @@ def _train_once(plan: Plan, cfg, batches, seed: int = 7):
     """One training step of a DDP-wrapped model; returns the model (grads still in its buffers)."""
     from megatron_looprpt.models.loss import ExitLossConfig
     from megatron_looprpt.training.objectives import lm_objective
-    from megatron_looprpt.training.setup import OptimConfig, build_model, build_optimizer
+    from megatron_looprpt.models.builder import build_model
+    from megatron_looprpt.training.setup import OptimConfig, build_optimizer
     from megatron_looprpt.schedule import make_forward_step, train_step
 
     pm = build_model(cfg, seed=seed)
@@ -421,7 +422,8 @@ def check_training(plan: Plan, fp8: bool) -> dict:
     from megatron_looprpt.models.loss import ExitLossConfig
     from megatron_looprpt.training.flops import FlopShape, peak_tflops, training_flops
     from megatron_looprpt.training.objectives import lm_objective
-    from megatron_looprpt.training.setup import OptimConfig, build_model, build_optimizer
+    from megatron_looprpt.models.builder import build_model
+    from megatron_looprpt.training.setup import OptimConfig, build_optimizer
     from megatron_looprpt.schedule import make_forward_step, train_step
 
     cfg = _config(plan, plan.speed_layers, impl=_impl(plan), fp8=fp8)
@@ -448,7 +450,8 @@ def check_looprpt_vs_lm(plan: Plan) -> dict:
     from megatron_looprpt.rl.objective import RolloutConfig, looprpt_train_step
     from megatron_looprpt.rl.teacher import EMATeacher
     from megatron_looprpt.training.objectives import lm_objective
-    from megatron_looprpt.training.setup import OptimConfig, build_model, build_optimizer
+    from megatron_looprpt.models.builder import build_model
+    from megatron_looprpt.training.setup import OptimConfig, build_optimizer
     from megatron_looprpt.schedule import make_forward_step, train_step
 
     cfg = _config(plan, plan.speed_layers, impl=_impl(plan), fp8=False)

@@ -150,6 +150,9 @@ class McoreLoader:
             raise ConversionError(f"--load-dir {load_dir}: trained with --exit-gate-init "
                                   f"{self.args['exit_gate_init']}, whose per-step exit-gate biases Ouro's "
                                   "format cannot hold; only --exit-gate-init geometric checkpoints convert")
+        if self.args.get("loop_step_embedding", False):
+            raise ConversionError(f"--load-dir {load_dir}: trained with --loop-step-embedding, whose per-step "
+                                  "input embeddings Ouro's format cannot hold; only checkpoints without it convert")
         self.prefix = ""
         if model == "teacher":
             if "teacher" not in info.get("extra_models", []):

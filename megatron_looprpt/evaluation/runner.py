@@ -47,12 +47,11 @@ from megatron_looprpt.data.datasets import (
 )
 from megatron_looprpt.data.tokenizers import build_tokenizer, model_vocab_size
 from megatron_looprpt.evaluation import metrics, task as task_metrics
-from megatron_looprpt.models.builder import LoopedModelConfig
+from megatron_looprpt.models.builder import LoopedModelConfig, build_model
 from megatron_looprpt.models.looped_gpt import HeadRequest
 from megatron_looprpt.training import checkpointing
 from megatron_looprpt.training.loop import model_config
 from megatron_looprpt.training.saved_run import check_vocab_padding, read_saved_run, saved_model_args
-from megatron_looprpt.training.setup import build_model
 from megatron_looprpt.schedule import eval_step, make_forward_step
 
 SCHEMA = "megatron_looprpt.evaluation/1"

@@ -13,7 +13,7 @@ from megatron_looprpt.data.tokenizers import Tokenizer, build_tokenizer, model_v
 from megatron_looprpt.training import checkpointing
 from megatron_looprpt.training.loop import model_config
 from megatron_looprpt.training.saved_run import check_vocab_padding, read_saved_run, saved_model_args
-from megatron_looprpt.training.setup import build_model
+from megatron_looprpt.models.builder import build_model
 
 
 @dataclass

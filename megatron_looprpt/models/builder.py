@@ -1,4 +1,5 @@
-"""From a model shape to a megatron TransformerConfig and this rank's pipeline stage."""
+"""From a model shape to a megatron TransformerConfig, this rank's pipeline stage, and the
+initialised, DDP-wrapped, pipelined model a run trains or reads."""
 
 from __future__ import annotations
 
@@ -8,12 +9,15 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_looprpt.device import use_cuda
 from megatron_looprpt.models import fusions
+from megatron_looprpt.models.init_weights import init_weights
 from megatron_looprpt.models.layer_specs import final_norm_module, sandwich_layer_spec
 from megatron_looprpt.models.looped_gpt import LoopedGPTModel
+from megatron_looprpt.models.pipeline import PipelinedModel, pipeline_model
 
 
 @dataclass
@@ -49,6 +53,8 @@ class LoopedModelConfig:
     # geometric: Ouro's shared gate (zero bias: p = 1/2, 1/4, ...); uniform: plus a learned
     # per-step bias that starts the exit distribution at 1/T (not exportable to Ouro's format)
     exit_gate_init: str = "geometric"
+    # a learned vector per loop step added to the block's input (not exportable to Ouro's format)
+    loop_step_embedding: bool = False
 
     @property
     def padded_vocab_size(self) -> int:
@@ -132,8 +138,48 @@ def build_stage(cfg: LoopedModelConfig, config: Optional[TransformerConfig] = No
         share_embeddings_and_output_weights=not cfg.untie_embeddings_and_output_weights,
         rotary_base=cfg.rotary_base,
         exit_gate_step_bias=cfg.exit_gate_init == "uniform",
+        loop_step_embedding=cfg.loop_step_embedding,
         output_layer_config=fusions.output_layer_config(config),
     )
     if use_cuda():
         model.cuda(torch.cuda.current_device())
     return model
+
+
+def build_model(cfg: LoopedModelConfig, seed: int, wrap_ddp: bool = True,
+                use_distributed_optimizer: bool = False, train_gate_only: bool = False,
+                overlap_grad_reduce: bool = True, overlap_param_gather: bool = False,
+                ddp_bucket_size: Optional[int] = None) -> PipelinedModel:
+    """``train_gate_only``: Ouro's stage 2 freezes the language model and trains the exit gate;
+    frozen parameters get no gradient buffer and no optimizer state (so no weight decay).
+
+    ``overlap_grad_reduce``: each DDP bucket's reduction starts during the backward pass, as
+    soon as its gradients are complete. That holds for weights used T times: megatron-core
+    0.16 counts, per parameter, the gradient-ready hooks of the last micro-batch in the first
+    step and from then on starts a bucket only when every parameter has fired that many times
+    (param_and_grad_buffer.py, ``register_grad_ready``), and a weight's hook fires once per
+    backward call it takes part in: once per micro-batch without PP, once per loop chunk with
+    it; the last one comes after every contribution to the weight.
+    ``overlap_param_gather`` (distributed optimizer only): the parameter all-gather after a
+    step runs during the next forward pass; until then only this rank's shard of the weights
+    is current (``PipelinedModel.sync_params`` waits for the rest). ``ddp_bucket_size``:
+    parameters per bucket (megatron's default when None)."""
+    config = transformer_config(cfg, main_grads=wrap_ddp)
+    config.calculate_per_token_loss = True
+    model = build_stage(cfg, config)
+    init_weights(model, seed=seed, std=cfg.init_method_std,
+                 effective_depth=cfg.num_layers * cfg.loop_steps)
+    if train_gate_only:
+        for name, param in model.named_parameters():
+            param.requires_grad_(name.startswith("exit_gate."))
+    stage = model
+    if wrap_ddp:
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=overlap_grad_reduce,
+            overlap_param_gather=overlap_param_gather and use_distributed_optimizer,
+            use_distributed_optimizer=use_distributed_optimizer,
+            bucket_size=ddp_bucket_size,
+        )
+        stage = DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
+    return pipeline_model(stage, model, cfg.pipeline_parallel)

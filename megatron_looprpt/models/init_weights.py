@@ -40,7 +40,7 @@ def _fill(key: str, shape, generator, std: float, depth: int) -> torch.Tensor:
         return torch.ones(shape)
     if key.endswith("exit_gate.step_bias"):
         return uniform_prior_step_bias(shape[0])
-    if key.endswith("bias"):
+    if key.endswith(("bias", "loop_step_embedding")):  # zero: a new model starts as Ouro's
         return torch.zeros(shape)
     scale = std / math.sqrt(2.0 * depth) if key.endswith(_DEPTH_SCALED) else std
     return torch.randn(shape, generator=generator) * scale

@@ -126,6 +126,7 @@ class LoopedGPTModel(LanguageModule):
         rotary_base: int = 10000,
         loops_inside: bool = True,
         exit_gate_step_bias: bool = False,
+        loop_step_embedding: bool = False,
         output_layer_config: Optional[TransformerConfig] = None,
     ):
         super().__init__(config=config)
@@ -149,6 +150,15 @@ class LoopedGPTModel(LanguageModule):
                 max_sequence_length=max_sequence_length,
                 position_embedding_type="none",
             )
+        # --loop-step-embedding: a learned vector per loop step added to the block's input, so
+        # that the shared weights can tell the steps apart (Universal Transformer's timestep
+        # signal; Ouro has none). It lives where every step's input enters: the first stage.
+        self.loop_step_embedding = None
+        if pre_process and loop_step_embedding:
+            self.loop_step_embedding = torch.nn.Parameter(
+                torch.zeros(loop_steps, config.hidden_size, dtype=config.params_dtype))
+            # each TP rank sees its own slice of the sequence under SP: sum the gradient over TP
+            setattr(self.loop_step_embedding, "sequence_parallel", config.sequence_parallel)
         self.rotary_pos_emb = RotaryEmbedding(
             kv_channels=config.kv_channels,
             rotary_percent=1.0,
@@ -221,6 +231,8 @@ class LoopedGPTModel(LanguageModule):
 
         output = LoopedOutput()
         for step in steps:
+            if self.loop_step_embedding is not None:
+                hidden = hidden + self.loop_step_embedding[step]
             hidden = self.decoder(
                 hidden_states=hidden, attention_mask=attention_mask, rotary_pos_emb=rotary_pos_emb,
                 inference_context=None if inference_contexts is None else inference_contexts[step],

@@ -27,11 +27,12 @@ Everything returns per-token tensors [b, s]; reductions over tokens are the call
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Dict
 
 import torch
 import torch.nn.functional as F
 
-from megatron_looprpt.models.exit_gate import exit_log_distribution
+from megatron_looprpt.models.exit_gate import exit_log_distribution, expected_exit_step, q_exit_steps
 
 STEP_WEIGHTS = ("exit", "uniform", "progressive", "last")
 
@@ -95,3 +96,24 @@ def token_loss(label_logprobs, gate_logits, cfg: ExitLossConfig) -> torch.Tensor
     if cfg.stage == "stage2":
         return stage2_token_loss(label_logprobs, gate_logits, cfg)
     return stage1_token_loss(label_logprobs, gate_logits, cfg.entropy_coef, cfg.step_weights)
+
+
+def lm_metric_sums(label_logprobs: torch.Tensor, gate_logits: torch.Tensor, mask: torch.Tensor,
+                   exit_threshold: float) -> Dict[str, torch.Tensor]:
+    """Token sums of the LM's losses: expected CE under the exit distribution, CE at the Q-exit
+    step and at every loop step, and the exit statistics. Shared by every objective."""
+    with torch.no_grad():
+        log_p = exit_log_distribution(gate_logits.float())
+        exit_probs = log_p.exp()
+        ce = -label_logprobs.float()
+        qexit = q_exit_steps(exit_probs, exit_threshold)
+        return {
+            "lm_loss": ((exit_probs * ce).sum(dim=0) * mask).sum(),
+            "qexit_loss": (ce.gather(0, qexit.unsqueeze(0)).squeeze(0) * mask).sum(),
+            "step_ce": (ce * mask).sum(dim=(1, 2)),
+            "exit_step": (expected_exit_step(exit_probs) * mask).sum(),
+            "exit_entropy": (-(exit_probs * log_p).sum(dim=0) * mask).sum(),
+            # Loop steps a token uses at inference with Q-exit at the configured threshold.
+            "qexit_steps": ((qexit + 1).to(mask.dtype) * mask).sum(),
+            "num_tokens": mask.sum(),
+        }

@@ -17,7 +17,7 @@ import torch
 
 from megatron_looprpt.models.looped_gpt import HeadRequest, LoopedOutput
 from megatron_looprpt.device import to_device
-from megatron_looprpt.training.objectives import lm_metric_sums
+from megatron_looprpt.models.loss import lm_metric_sums
 from megatron_looprpt.rl.looprpt_loss import LoopRPTConfig, StudentOutputs, TeacherOutputs, looprpt_loss
 from megatron_looprpt.rl.rollouts import LatentNoise, exit_uniforms
 from megatron_looprpt.schedule import train_step

@@ -26,13 +26,12 @@ from typing import Deque
 
 import torch
 
-from megatron_looprpt.models.builder import LoopedModelConfig, build_stage
+from megatron_looprpt.models.builder import LoopedModelConfig, build_model, build_stage
 from megatron_looprpt.models.looped_gpt import HeadRequest
 from megatron_looprpt.rl.ema import copy_params_, ema_update_
 from megatron_looprpt.rl.sharded_ema import DPShardedEMA, distributed_optimizer_buffers
 from megatron_looprpt.device import to_device
 from megatron_looprpt.rl.looprpt_loss import TeacherOutputs
-from megatron_looprpt.training.setup import build_model
 
 _TEACHER_HEAD = HeadRequest(label_logprobs=True, entropy=True, recompute=False)
 

@@ -16,7 +16,7 @@ from megatron_looprpt.data.datasets import build_data_iterator, build_datasets, 
 from megatron_looprpt.data.global_batches import GlobalBatches
 from megatron_looprpt.data.tokenizers import build_tokenizer, model_vocab_size
 from megatron_looprpt.device import use_cuda
-from megatron_looprpt.models.builder import LoopedModelConfig
+from megatron_looprpt.models.builder import LoopedModelConfig, build_model
 from megatron_looprpt.models.fusions import FusionRequest
 from megatron_looprpt.models.loss import ExitLossConfig
 from megatron_looprpt.rl.looprpt_loss import LoopRPTConfig
@@ -26,7 +26,7 @@ from megatron_looprpt.training import checkpointing
 from megatron_looprpt.training.flops import FlopShape, peak_tflops, training_flops
 from megatron_looprpt.training.logger import RunLogger
 from megatron_looprpt.training.objectives import lm_objective
-from megatron_looprpt.training.setup import OptimConfig, build_model, build_optimizer
+from megatron_looprpt.training.setup import OptimConfig, build_optimizer
 from megatron_looprpt.schedule import eval_step, make_forward_step, train_step
 from megatron_looprpt.training.token_rl import TokenRLRun
 
@@ -61,6 +61,7 @@ def model_config(args, vocab_size: int) -> LoopedModelConfig:
         sequence_parallel=args.sequence_parallel,
         make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
         exit_gate_init=args.exit_gate_init,
+        loop_step_embedding=args.loop_step_embedding,
     )
 
 

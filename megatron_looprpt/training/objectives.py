@@ -15,30 +15,8 @@ from typing import Dict
 
 import torch
 
-from megatron_looprpt.models.exit_gate import exit_log_distribution, expected_exit_step, q_exit_steps
-from megatron_looprpt.models.loss import ExitLossConfig, token_loss
+from megatron_looprpt.models.loss import ExitLossConfig, lm_metric_sums, token_loss
 from megatron_looprpt.models.looped_gpt import LoopedOutput
-
-
-def lm_metric_sums(label_logprobs: torch.Tensor, gate_logits: torch.Tensor, mask: torch.Tensor,
-                   exit_threshold: float) -> Dict[str, torch.Tensor]:
-    """Token sums of the LM's losses: expected CE under the exit distribution, CE at the Q-exit
-    step and at every loop step, and the exit statistics. Shared by every objective."""
-    with torch.no_grad():
-        log_p = exit_log_distribution(gate_logits.float())
-        exit_probs = log_p.exp()
-        ce = -label_logprobs.float()
-        qexit = q_exit_steps(exit_probs, exit_threshold)
-        return {
-            "lm_loss": ((exit_probs * ce).sum(dim=0) * mask).sum(),
-            "qexit_loss": (ce.gather(0, qexit.unsqueeze(0)).squeeze(0) * mask).sum(),
-            "step_ce": (ce * mask).sum(dim=(1, 2)),
-            "exit_step": (expected_exit_step(exit_probs) * mask).sum(),
-            "exit_entropy": (-(exit_probs * log_p).sum(dim=0) * mask).sum(),
-            # Loop steps a token uses at inference with Q-exit at the configured threshold.
-            "qexit_steps": ((qexit + 1).to(mask.dtype) * mask).sum(),
-            "num_tokens": mask.sum(),
-        }
 
 
 def lm_objective(batch: Dict[str, torch.Tensor], output: LoopedOutput, cfg: ExitLossConfig):

@@ -18,10 +18,10 @@ import torch
 import torch.distributed as dist
 
 from megatron_looprpt import device, parallel
-from megatron_looprpt.models.builder import LoopedModelConfig
+from megatron_looprpt.models.builder import LoopedModelConfig, build_model
 from megatron_looprpt.models.loss import ExitLossConfig
 from megatron_looprpt.training.objectives import lm_objective
-from megatron_looprpt.training.setup import OptimConfig, build_model, build_optimizer
+from megatron_looprpt.training.setup import OptimConfig, build_optimizer
 from megatron_looprpt.schedule import eval_step, make_forward_step, train_step
 from tests.harness.layout_run import sample
 

@@ -7,8 +7,7 @@ import torch.distributed as dist
 
 from megatron_looprpt import parallel
 from megatron_looprpt.inference.generation import SamplingConfig, generate
-from megatron_looprpt.models.builder import LoopedModelConfig
-from megatron_looprpt.training.setup import build_model
+from megatron_looprpt.models.builder import LoopedModelConfig, build_model
 
 # five prompts: under PP=2 the batch is padded to a multiple of the pipeline size
 PROMPTS = [[5, 9, 13, 2], [7, 1], [3, 3, 8, 11, 40, 2, 6], [100], [42, 43, 44]]

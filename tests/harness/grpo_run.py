@@ -13,11 +13,11 @@ from megatron.core import parallel_state
 
 from megatron_looprpt import parallel
 from megatron_looprpt.data.prompts import generate_problems
-from megatron_looprpt.models.builder import LoopedModelConfig
+from megatron_looprpt.models.builder import LoopedModelConfig, build_model
 from megatron_looprpt.rl.grpo import GRPOConfig, grpo_record, grpo_train_step
 from megatron_looprpt.rl.rpt import RPTConfig, rpt_train_step
 from megatron_looprpt.rl.teacher import EMATeacher
-from megatron_looprpt.training.setup import OptimConfig, build_model, build_optimizer
+from megatron_looprpt.training.setup import OptimConfig, build_optimizer
 
 
 class ByteTokenizer:

@@ -12,10 +12,10 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megatron_looprpt import parallel
-from megatron_looprpt.models.builder import LoopedModelConfig
+from megatron_looprpt.models.builder import LoopedModelConfig, build_model
 from megatron_looprpt.models.loss import ExitLossConfig
 from megatron_looprpt.training.objectives import lm_objective
-from megatron_looprpt.training.setup import OptimConfig, build_model, build_optimizer
+from megatron_looprpt.training.setup import OptimConfig, build_optimizer
 from megatron_looprpt.schedule import make_forward_step, train_step
 from functools import partial
 
@@ -45,6 +45,7 @@ def main():
     p.add_argument("--micro-batch", type=int, default=2)
     p.add_argument("--rl", action="store_true", help="LoopRPT iterations instead of LM")
     p.add_argument("--tied", action="store_true", help="output layer tied to the embedding")
+    p.add_argument("--loop-step-embedding", action="store_true", help="a learned input vector per loop step")
     p.add_argument("--out", required=True)
     a = p.parse_args()
     parallel.initialize(a.tp, a.pp, seed=7)
@@ -55,7 +56,7 @@ def main():
         num_layers=4, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=96,
         vocab_size=vocab, max_position_embeddings=64, loop_steps=a.loops, tensor_parallel=a.tp,
         pipeline_parallel=a.pp, sequence_parallel=a.sp, make_vocab_size_divisible_by=64,
-        untie_embeddings_and_output_weights=not a.tied,
+        untie_embeddings_and_output_weights=not a.tied, loop_step_embedding=a.loop_step_embedding,
     )
     pm = build_model(cfg, seed=11, use_distributed_optimizer=a.dist_opt)
     optim = OptimConfig(lr=1e-3, min_lr=1e-4, lr_warmup_iters=1, lr_decay_iters=10,

@@ -16,10 +16,10 @@ from megatron.core import parallel_state
 from megatron.core.distributed.param_and_grad_buffer import _ParamAndGradBucketGroup
 
 from megatron_looprpt import parallel
-from megatron_looprpt.models.builder import LoopedModelConfig
+from megatron_looprpt.models.builder import LoopedModelConfig, build_model
 from megatron_looprpt.models.loss import ExitLossConfig
 from megatron_looprpt.training.objectives import lm_objective
-from megatron_looprpt.training.setup import OptimConfig, build_model, build_optimizer
+from megatron_looprpt.training.setup import OptimConfig, build_optimizer
 from megatron_looprpt.schedule import make_forward_step, train_step
 from tests.harness.layout_run import sample
 

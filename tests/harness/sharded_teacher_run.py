@@ -16,13 +16,13 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megatron_looprpt import parallel
-from megatron_looprpt.models.builder import LoopedModelConfig
+from megatron_looprpt.models.builder import LoopedModelConfig, build_model
 from megatron_looprpt.models.loss import ExitLossConfig
 from megatron_looprpt.rl.ema import ema_update_
 from megatron_looprpt.rl.teacher import EMATeacher
 from megatron_looprpt.training import checkpointing
 from megatron_looprpt.training.objectives import lm_objective
-from megatron_looprpt.training.setup import OptimConfig, build_model, build_optimizer
+from megatron_looprpt.training.setup import OptimConfig, build_optimizer
 from megatron_looprpt.schedule import make_forward_step, train_step
 from tests.harness.layout_run import sample
 
