@@ -133,7 +133,8 @@ def train_flags(part_flags: List[str], arm: Arm, seed: int, iters: int, save_dir
         "--model-size", "tiny", "--micro-batch-size", "8", "--global-batch-size", "16",
         "--lr-decay-style", "cosine", "--weight-decay", "0.1", "--clip-grad", "1.0", *part_flags,
         "--num-layers", str(arm.num_layers), "--loop-steps", str(arm.loop_steps), "--seed", str(seed),
-        "--save", save_dir, "--load", save_dir, "--save-interval", str(max(1, iters // 2)),
+        # at most 250 iterations lost when a long run is interrupted (they resume from here)
+        "--save", save_dir, "--load", save_dir, "--save-interval", str(max(1, min(iters // 2, 250))),
         "--eval-interval", "0", "--log-interval", "50", "--no-progress-bar",
         "--log-json", os.path.join(save_dir, "log.jsonl"),
     ]
