@@ -12,8 +12,10 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from megatron_looprpt.import_notes import silence_import_notes  # noqa: E402
+from megatron_looprpt.deferred_compile import defer_megatron_compiles  # noqa: E402
 
 silence_import_notes()
+defer_megatron_compiles()
 
 
 def main(argv=None) -> int:

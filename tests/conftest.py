@@ -7,6 +7,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from megatron_looprpt.deferred_compile import defer_megatron_compiles  # noqa: E402
+
+defer_megatron_compiles()  # as the entry points do, before any test imports megatron-core
+
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: starts several real processes (torchrun); still runs in CI")

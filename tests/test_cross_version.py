@@ -62,7 +62,9 @@ def test_resume_across_releases_is_exact(pythons, tmp_path, writer, reader):
 _PROBE = """
 import sys
 from megatron_looprpt.import_notes import silence_import_notes
+from megatron_looprpt.deferred_compile import defer_megatron_compiles
 silence_import_notes()
+defer_megatron_compiles()
 from megatron_looprpt.training.checkpointing import CheckpointError, read_checkpoint_args
 try:
     print("steps", read_checkpoint_args(sys.argv[1])["harness"]["steps"])

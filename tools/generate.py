@@ -21,8 +21,10 @@ if _REPO_ROOT not in sys.path:  # runnable from a checkout without installing th
     sys.path.insert(0, _REPO_ROOT)
 
 from megatron_looprpt.import_notes import silence_import_notes  # noqa: E402
+from megatron_looprpt.deferred_compile import defer_megatron_compiles  # noqa: E402
 
 silence_import_notes()
+defer_megatron_compiles()
 
 
 def build_parser() -> argparse.ArgumentParser:

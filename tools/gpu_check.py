@@ -47,8 +47,10 @@ if ROOT not in sys.path:  # runnable from a checkout without installing the pack
     sys.path.insert(0, ROOT)
 
 from megatron_looprpt.import_notes import silence_import_notes  # noqa: E402
+from megatron_looprpt.deferred_compile import defer_megatron_compiles  # noqa: E402
 
 silence_import_notes()
+defer_megatron_compiles()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -42,8 +42,10 @@ for _path in (ROOT, os.path.dirname(HERE)):
         sys.path.insert(0, _path)
 
 from megatron_looprpt.import_notes import silence_import_notes  # noqa: E402
+from megatron_looprpt.deferred_compile import defer_megatron_compiles  # noqa: E402
 
 silence_import_notes()
+defer_megatron_compiles()
 
 import looprpt_vs_lm as experiment  # noqa: E402  (examples/looprpt_vs_lm.py: the two methods)
 

@@ -27,6 +27,10 @@ Output JSON (rank 0): {"records": [{"iteration", "loss", "grad_norm", "lr", "pro
 optimizer elements (--measure-load) and the elements the rank's optimizer shard holds}.
 """
 
+from megatron_looprpt.deferred_compile import defer_megatron_compiles
+
+defer_megatron_compiles()  # before megatron-core is imported: a faster start
+
 import argparse
 import contextlib
 import json

@@ -9,6 +9,10 @@ GPU pieces; dumps per-step observations as JSON. Run with torchrun (PP = world s
   ``config.fp8`` is set) runs before the stage's first layer and records the flag it sees.
 """
 
+from megatron_looprpt.deferred_compile import defer_megatron_compiles
+
+defer_megatron_compiles()  # before megatron-core is imported: a faster start
+
 import argparse
 import json
 import os

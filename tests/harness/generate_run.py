@@ -1,5 +1,9 @@
 """Sample from a tiny looped model under a given TP x PP layout and dump the tokens (torchrun)."""
 
+from megatron_looprpt.deferred_compile import defer_megatron_compiles
+
+defer_megatron_compiles()  # before megatron-core is imported: a faster start
+
 import argparse
 import json
 

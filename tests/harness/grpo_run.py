@@ -4,6 +4,10 @@ The prompts are generated problems, tokenised as bytes; the reward is a fixed fu
 sampled answer's token ids (a random-init model never answers a problem right, so the verifier
 would give every answer 0 and every advantage 0)."""
 
+from megatron_looprpt.deferred_compile import defer_megatron_compiles
+
+defer_megatron_compiles()  # before megatron-core is imported: a faster start
+
 import argparse
 import json
 

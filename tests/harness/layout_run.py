@@ -4,6 +4,10 @@ Run with torchrun (any world size); used by the layout-parity tests. Batches are
 seeded function of the global sample index, so every layout sees the same global batches.
 """
 
+from megatron_looprpt.deferred_compile import defer_megatron_compiles
+
+defer_megatron_compiles()  # before megatron-core is imported: a faster start
+
 import argparse
 import json
 

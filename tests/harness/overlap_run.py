@@ -6,6 +6,10 @@ complete a bucket while other loop steps still have to add to its weights: the c
 starting the reduction at a bucket's first completion would be wrong.
 """
 
+from megatron_looprpt.deferred_compile import defer_megatron_compiles
+
+defer_megatron_compiles()  # before megatron-core is imported: a faster start
+
 import argparse
 import json
 from functools import partial

@@ -7,6 +7,10 @@ kind of EMA state the teacher keeps and its bytes, whether the teacher's bf16 we
 checkpointed fp32 state equal the reference, and (--save/--load) the state across a checkpoint.
 """
 
+from megatron_looprpt.deferred_compile import defer_megatron_compiles
+
+defer_megatron_compiles()  # before megatron-core is imported: a faster start
+
 import argparse
 import json
 from functools import partial
