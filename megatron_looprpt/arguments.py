@@ -445,6 +445,21 @@ _CHECKPOINT_SHAPE = ("num_layers", "hidden_size", "num_attention_heads", "num_qu
                      "exit_gate_init", "loop_step_embedding")
 # what a checkpoint written before a flag existed was trained with
 _CHECKPOINT_DEFAULTS = {"exit_gate_init": "geometric", "loop_step_embedding": False}
+# Settings that add weights held once per loop step (additions of ours, not Ouro's): with them a
+# checkpoint's T is part of its shape, and Ouro's format has no place for the weights.
+# field -> (the value that adds them, its flag, one of the weights, the weights)
+_PER_STEP_WEIGHTS = {
+    "exit_gate_init": ("uniform", "--exit-gate-init uniform", "an exit-gate bias", "exit-gate biases"),
+    "loop_step_embedding": (True, "--loop-step-embedding", "an input embedding", "input embeddings"),
+}
+
+
+def per_step_weights(saved_args: dict) -> list:
+    """(flag, one weight, the weights) of each per-step weight the checkpoint arguments say the
+    model holds; empty for a model in Ouro's architecture."""
+    saved_args = {**_CHECKPOINT_DEFAULTS, **saved_args}
+    return [(flag, one, many) for name, (value, flag, one, many) in _PER_STEP_WEIGHTS.items()
+            if saved_args[name] == value]
 
 
 def check_checkpoint_shape(args: argparse.Namespace, saved_args: dict) -> None:
@@ -458,12 +473,9 @@ def check_checkpoint_shape(args: argparse.Namespace, saved_args: dict) -> None:
         if name in saved_args and saved_args[name] != getattr(args, name)
     ]
     saved_steps = saved_args.get("loop_steps", args.loop_steps)
-    if saved_args["exit_gate_init"] == "uniform" and saved_steps != args.loop_steps:
-        mismatches.append(f"--loop-steps {args.loop_steps} but the checkpoint's gate has a bias for each of its "
-                          f"{saved_steps} steps (--exit-gate-init uniform)")
-    if saved_args["loop_step_embedding"] and saved_steps != args.loop_steps:
-        mismatches.append(f"--loop-steps {args.loop_steps} but the checkpoint has an input embedding for each of "
-                          f"its {saved_steps} steps (--loop-step-embedding)")
+    if saved_steps != args.loop_steps:
+        mismatches += [f"--loop-steps {args.loop_steps} but the checkpoint has {one} for each of its "
+                       f"{saved_steps} steps ({flag})" for flag, one, _ in per_step_weights(saved_args)]
     ours, theirs = getattr(args, "padded_vocab_size", None), saved_args.get("padded_vocab_size")
     if ours is not None and theirs is not None and ours != theirs:
         mismatches.append(f"padded vocabulary {ours} (from the tokenizer or --vocab-size) "

@@ -26,6 +26,7 @@ from megatron.core.dist_checkpointing.strategies.torch import (
 from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint import save as dcp_save
 
+from megatron_looprpt.arguments import per_step_weights
 from megatron_looprpt.conversion.architecture import ConversionError, OuroArchitecture
 from megatron_looprpt.conversion.tensor_map import (
     EMBEDDING,
@@ -145,14 +146,11 @@ class McoreLoader:
             raise ConversionError(f"--load-dir {load_dir}: the checkpoint saved no run arguments, "
                                   "so its model shape is unknown")
         self.path, self.args = info["path"], info["args"]
-        if self.args.get("exit_gate_init", "geometric") != "geometric":
-            # conversion goes through Ouro's tensors, which have no per-step gate bias
-            raise ConversionError(f"--load-dir {load_dir}: trained with --exit-gate-init "
-                                  f"{self.args['exit_gate_init']}, whose per-step exit-gate biases Ouro's "
-                                  "format cannot hold; only --exit-gate-init geometric checkpoints convert")
-        if self.args.get("loop_step_embedding", False):
-            raise ConversionError(f"--load-dir {load_dir}: trained with --loop-step-embedding, whose per-step "
-                                  "input embeddings Ouro's format cannot hold; only checkpoints without it convert")
+        extra = per_step_weights(self.args)
+        if extra:  # conversion goes through Ouro's tensors, which have nothing per loop step
+            flag, _, weights = extra[0]
+            raise ConversionError(f"--load-dir {load_dir}: trained with {flag}, whose per-step {weights} "
+                                  f"Ouro's format cannot hold; only checkpoints without {flag} convert")
         self.prefix = ""
         if model == "teacher":
             if "teacher" not in info.get("extra_models", []):
