@@ -442,9 +442,10 @@ def _validate_logging(args) -> None:
 # base and the norms' epsilon change every activation without changing a shape)
 _CHECKPOINT_SHAPE = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
                      "ffn_hidden_size", "untie_embeddings_and_output_weights", "rotary_base", "norm_epsilon",
-                     "exit_gate_init", "loop_step_embedding")
+                     "exit_gate_init", "loop_step_embedding", "loop_input_injection", "loop_carry")
 # what a checkpoint written before a flag existed was trained with
-_CHECKPOINT_DEFAULTS = {"exit_gate_init": "geometric", "loop_step_embedding": False}
+_CHECKPOINT_DEFAULTS = {"exit_gate_init": "geometric", "loop_step_embedding": False,
+                        "loop_input_injection": False, "loop_carry": "normed"}
 # Settings that add weights held once per loop step (additions of ours, not Ouro's): with them a
 # checkpoint's T is part of its shape, and Ouro's format has no place for the weights.
 # field -> (the value that adds them, its flag, one of the weights, the weights)
@@ -452,6 +453,22 @@ _PER_STEP_WEIGHTS = {
     "exit_gate_init": ("uniform", "--exit-gate-init uniform", "an exit-gate bias", "exit-gate biases"),
     "loop_step_embedding": (True, "--loop-step-embedding", "an input embedding", "input embeddings"),
 }
+
+
+# Settings that change what the looped block computes without adding weights (ours, not Ouro's):
+# Ouro's modeling code would run such a checkpoint's weights as another function.
+# field -> (the value that sets it, its flag, what it makes the model do)
+_DATAFLOW_CHANGES = {
+    "loop_input_injection": (True, "--loop-input-injection", "re-reads the token embedding at every loop step"),
+    "loop_carry": ("residual", "--loop-carry residual", "carries the un-normalised state between loop steps"),
+}
+
+
+def dataflow_changes(saved_args: dict) -> list:
+    """(flag, what it does) of each setting the checkpoint arguments say changes the looped
+    block's computation from Ouro's; empty for a model in Ouro's architecture."""
+    saved_args = {**_CHECKPOINT_DEFAULTS, **saved_args}
+    return [(flag, what) for name, (value, flag, what) in _DATAFLOW_CHANGES.items() if saved_args[name] == value]
 
 
 def per_step_weights(saved_args: dict) -> list:

@@ -64,6 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="add a learned vector per loop step to the shared block's input, so that the block can "
                         "tell its steps apart (Universal Transformer's timestep signal; Ouro has none: such a "
                         "checkpoint cannot be exported to Hugging Face Ouro; docs/model.md)")
+    g.add_argument("--loop-input-injection", action="store_true",
+                   help="every loop step after the first also reads the token embedding, scaled to unit RMS "
+                        "(Huginn's input injection; Ouro has none: such a checkpoint cannot be exported to "
+                        "Hugging Face Ouro; docs/model.md)")
+    g.add_argument("--loop-carry", choices=["normed", "residual"], default="normed",
+                   help="what the next loop step consumes: normed = the final norm's output (Ouro); residual = "
+                        "the un-normalised residual stream, as an unshared stack would (not exportable to Ouro)")
     g.add_argument("--step-loss-weights", choices=["exit", "uniform", "progressive", "last"], default="uniform",
                    help="stage 1: how the backbone's per-step losses are weighted: uniform = 1/T each (the default: "
                         "docs/depth.md); exit = by the gate's exit distribution (Ouro's exact loss); progressive = "

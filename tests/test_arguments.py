@@ -334,6 +334,15 @@ def test_checkpoint_of_another_shape_is_refused():
     check_checkpoint_shape(parse_args(MOCK + ["--loop-step-embedding"]), {**embedded, "loop_steps": 4})
     with pytest.raises(ConfigError, match="--loop-steps 4 but the checkpoint has an input embedding for each of its 8"):
         check_checkpoint_shape(parse_args(MOCK + ["--loop-step-embedding"]), {**embedded, "loop_steps": 8})
+    # the loop's dataflow adds no weights, but weights trained with one compute another function
+    # under the other: refused both ways, and a checkpoint from before the flags is Ouro's
+    check_checkpoint_shape(args, saved)
+    with pytest.raises(ConfigError, match="--loop-carry residual but the checkpoint has normed"):
+        check_checkpoint_shape(parse_args(MOCK + ["--loop-carry", "residual"]), saved)
+    with pytest.raises(ConfigError, match="--loop-input-injection False but the checkpoint has True"):
+        check_checkpoint_shape(args, {**saved, "loop_input_injection": True})
+    injected = parse_args(MOCK + ["--loop-input-injection"])
+    check_checkpoint_shape(injected, {**saved, "loop_input_injection": True, "loop_steps": 8})
 
 
 def test_cli_reports_one_line_and_exit_code_2_without_heavy_imports():

@@ -320,6 +320,21 @@ def test_refusals_are_one_line_errors_before_any_work(tmp_path, case, argv, mess
     ("--loop-step-embedding", "trained with --loop-step-embedding, whose per-step input embeddings"),
 ])
 def test_a_checkpoint_with_weights_ouro_has_no_place_for_is_refused(tmp_path, flag, message):
+    line = _refused_export_of_one_trained_with(tmp_path, flag)
+    assert message in line and "Ouro's format cannot hold" in line
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--loop-input-injection", "trained with --loop-input-injection, which re-reads the token embedding"),
+    ("--loop-carry residual", "trained with --loop-carry residual, which carries the un-normalised state"),
+])
+def test_a_checkpoint_whose_loop_computes_another_function_is_refused(tmp_path, flag, message):
+    line = _refused_export_of_one_trained_with(tmp_path, flag)
+    assert message in line and "Ouro's architecture does not" in line
+
+
+def _refused_export_of_one_trained_with(tmp_path, flag: str) -> str:
+    """Train one step with ``flag``, ask for its Hugging Face export; the refusal's one line."""
     trained = subprocess.run(
         [sys.executable, os.path.join(ROOT, "pretrain_looprpt.py"), "--mock-data", "--tokenizer-type",
          "NullTokenizer", "--vocab-size", "128", "--num-layers", "1", "--hidden-size", "32",
@@ -332,8 +347,9 @@ def test_a_checkpoint_with_weights_ouro_has_no_place_for_is_refused(tmp_path, fl
                      "--save-dir", tmp_path / "out")
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0] and "Ouro's format cannot hold" in lines[0], result.stderr
+    assert len(lines) == 1, result.stderr
     assert not (tmp_path / "out").exists()
+    return lines[0]
 
 
 def test_megatron_source_whose_vocabulary_exceeds_its_embedding_rows(tmp_path):

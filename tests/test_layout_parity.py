@@ -85,6 +85,23 @@ def test_loop_step_embedding_matches_single_process(tmp_path, tmp_path_factory):
     assert expected[-1]["loss"] != without[-1]["loss"]
 
 
+@pytest.mark.slow
+def test_input_injection_and_residual_carry_match_single_process(tmp_path, tmp_path_factory):
+    # the injected embedding is recomputed by the first stage for every loop step it runs, and
+    # the carried residual leaves the last stage while the head reads its normalised twin, whose
+    # gradient must come back through the final norm: TP x PP x SP is where either could go wrong
+    options = ["--loops", 4, "--loop-input-injection", "--loop-carry", "residual"]
+    expected = run_json("tests/harness/layout_run.py", 1, options, tmp_path_factory.mktemp("inject") / "ref.json")
+    nproc, flags = LAYOUTS["tp2_pp2_sp"]
+    got = run_json("tests/harness/layout_run.py", nproc, [*flags, *options], tmp_path / "run.json")
+    assert len(got) == len(expected) == 3
+    for g, e in zip(got, expected):
+        assert_close(g["loss"], e["loss"])
+        assert_close(g["grad_norm"], e["grad_norm"])
+    # the same weights as Ouro's model, computing another function from the first step on
+    assert expected[0]["loss"] != reference(4, tmp_path_factory)[0]["loss"]
+
+
 RL_LAYOUTS = {k: LAYOUTS[k] for k in ("tp2", "tp2_sp", "pp2", "dp2_distopt", "tp2_pp2_sp")}
 _rl_reference = {}
 # The policy-gradient term is a sum of +-advantage * log-prob that nearly cancels; its

@@ -13,11 +13,11 @@ from megatron_looprpt.models.looped_gpt import HeadRequest
 SEQ, BATCH, VOCAB = 12, 2, 128
 
 
-def make_model(loops, untie=True, loop_step_embedding=False):
+def make_model(loops, untie=True, **loop_options):
     cfg = LoopedModelConfig(
         num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
         ffn_hidden_size=96, vocab_size=VOCAB, max_position_embeddings=32, loop_steps=loops,
-        untie_embeddings_and_output_weights=untie, loop_step_embedding=loop_step_embedding,
+        untie_embeddings_and_output_weights=untie, **loop_options,
     )
     model = build_stage(cfg)
     init_weights(model, seed=3, std=0.05, effective_depth=2 * loops)
@@ -105,6 +105,43 @@ def test_loop_step_embedding_starts_as_ouro_and_tells_the_steps_apart(single_pro
     assert torch.equal(moved.steps[0].logits, expected.steps[0].logits)
     assert not torch.allclose(moved.steps[1].logits, expected.steps[1].logits)
     assert not torch.allclose(moved.steps[2].logits, expected.steps[2].logits)
+
+
+def _by_hand(model, tokens, positions, inject: bool, carry_residual: bool) -> list:
+    """Each step's logits, the loop written out: what --loop-input-injection and --loop-carry
+    residual are documented to compute."""
+    rope = model.rotary_pos_emb(tokens.shape[1])
+    embedded = model.embedding(input_ids=tokens, position_ids=positions)
+    unit_embedded = embedded * torch.rsqrt(embedded.pow(2).mean(-1, keepdim=True) + 1e-6)
+    state, logits = embedded, []
+    for step in range(model.loop_steps):
+        block_input = state + unit_embedded if inject and step > 0 else state
+        residual = model.decoder(hidden_states=block_input, attention_mask=None, rotary_pos_emb=rope)
+        normed = model.final_layernorm(residual)
+        logits.append(model.output_layer(normed)[0].transpose(0, 1))
+        state = residual if carry_residual else normed
+    return logits
+
+
+def test_input_injection_and_residual_carry_compute_what_they_say(single_process_parallel):
+    tokens, labels, positions = batch(4)
+    head = HeadRequest(logits=True)
+    _, plain = make_model(loops=3)
+    plain_steps = plain(tokens, positions, None, labels=labels, head=head).steps
+    for inject, carry in ((True, "normed"), (False, "residual"), (True, "residual")):
+        _, model = make_model(loops=3, loop_input_injection=inject, loop_carry=carry)
+        got = model(tokens, positions, None, labels=labels, head=head)
+        with torch.no_grad():
+            expected = _by_hand(model, tokens, positions, inject, carry == "residual")
+        for step, (e, g) in enumerate(zip(expected, got.steps)):
+            assert torch.allclose(e, g.logits, atol=1e-5, rtol=1e-5), (inject, carry, step)
+        # no new weights, the first step untouched: only what later steps read changes
+        assert [n for n, _ in model.named_parameters()] == [n for n, _ in plain.named_parameters()]
+        assert torch.equal(got.steps[0].logits, plain_steps[0].logits)
+        assert not torch.allclose(got.steps[1].logits, plain_steps[1].logits)
+        # later steps' losses reach the embedding through the injection and the carried state
+        stage1_token_loss(got.stack("label_logprobs"), got.stack("gate_logits"), 0.05).mean().backward()
+        assert all(p.grad is not None for p in model.parameters())
 
 
 def test_head_recompute_gives_the_same_gradients(single_process_parallel):

@@ -55,6 +55,10 @@ class LoopedModelConfig:
     exit_gate_init: str = "geometric"
     # a learned vector per loop step added to the block's input (not exportable to Ouro's format)
     loop_step_embedding: bool = False
+    # every step after the first also reads the token embedding (not Ouro's architecture)
+    loop_input_injection: bool = False
+    # what the next loop step consumes: "normed" (the final norm's output, Ouro) or "residual"
+    loop_carry: str = "normed"
 
     @property
     def padded_vocab_size(self) -> int:
@@ -139,6 +143,8 @@ def build_stage(cfg: LoopedModelConfig, config: Optional[TransformerConfig] = No
         rotary_base=cfg.rotary_base,
         exit_gate_step_bias=cfg.exit_gate_init == "uniform",
         loop_step_embedding=cfg.loop_step_embedding,
+        loop_input_injection=cfg.loop_input_injection,
+        loop_carry=cfg.loop_carry,
         output_layer_config=fusions.output_layer_config(config),
     )
     if use_cuda():

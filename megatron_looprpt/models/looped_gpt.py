@@ -1,8 +1,9 @@
 """The looped GPT model (Ouro architecture) on megatron-core.
 
 Token embedding, then ONE block of N transformer layers whose weights are shared across T loop
-steps. After every step the final norm is applied; its output is what the next step consumes and
-what the per-step head reads: the output layer (vocab-parallel) and the exit gate.
+steps. After every step the final norm is applied; its output is what the per-step head reads
+(the output layer, vocab-parallel, and the exit gate) and, as in Ouro, what the next step
+consumes (``--loop-carry residual`` carries the un-normalised state instead).
 
 One instance is one pipeline stage: it holds N/PP of the block's layers (all of them without
 pipeline parallelism), the embedding on the first stage and the final norm, output layer and
@@ -66,7 +67,8 @@ class StepOutput:
     label_logprobs: Optional[torch.Tensor] = None
     entropy: Optional[torch.Tensor] = None
     predictions: Optional[torch.Tensor] = None
-    # The post-norm latent the next step consumes, [s, b, h] (sequence-sharded under SP).
+    # The post-norm latent the head reads (and, but for --loop-carry residual, the next step
+    # consumes), [s, b, h] (sequence-sharded under SP).
     hidden: Optional[torch.Tensor] = None
     # Vocab-parallel logits [b, s, V/tp]; only on request.
     logits: Optional[torch.Tensor] = None
@@ -84,31 +86,38 @@ class LoopedOutput:
 
 
 class _AddDeferredGrad(torch.autograd.Function):
-    """Identity whose backward adds the gradient accumulated on a detached twin.
+    """Identity on the carried state whose backward also hands the head's input the gradient
+    accumulated on its detached twin.
 
-    On the last pipeline stage, step v < T-1's head reads a detached copy of the hidden state
-    (its loss is only formed at step T-1, after the hidden state has already left for the next
-    loop). By the time the schedule back-propagates step v on this stage, the loss backward has
-    filled the twin's ``.grad``; this adds it to the gradient arriving from the next loop.
+    On the last pipeline stage, step v < T-1's head reads a detached copy of its input (its loss
+    is only formed at step T-1, after the carried state has already left for the next loop). By
+    the time the schedule back-propagates step v on this stage, the loss backward has filled the
+    twin's ``.grad``; this passes it to the head's input (the carried state itself, or the final
+    norm's output read from it under ``--loop-carry residual``) beside the gradient arriving
+    from the next loop.
     """
 
     @staticmethod
-    def forward(ctx, hidden, twin):
+    def forward(ctx, carried, head_input, twin):
         ctx.twin = twin
-        # A new tensor on hidden's data, not a view of it: this is the chunk's output, which
-        # megatron frees after sending (deallocate_pipeline_outputs), and it refuses to free
-        # a view (schedules.deallocate_output_tensor asserts out._base is None).
-        out = torch.empty((1,), dtype=hidden.dtype, device=hidden.device)
-        out.data = hidden.data
+        # A new tensor on the carried state's data, not a view of it: this is the chunk's
+        # output, which megatron frees after sending (deallocate_pipeline_outputs), and it
+        # refuses to free a view (schedules.deallocate_output_tensor asserts out._base is None).
+        out = torch.empty((1,), dtype=carried.dtype, device=carried.device)
+        out.data = carried.data
         return out
 
     @staticmethod
     def backward(ctx, grad):
         twin_grad = ctx.twin.grad
         ctx.twin = None
-        if twin_grad is not None:
-            grad = grad + twin_grad
-        return grad, None
+        return grad, twin_grad, None
+
+
+def _unit_rms(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """x scaled to root-mean-square 1 over the hidden dimension (no weight): the injected
+    embedding enters on the scale of the normalised state it is added to."""
+    return x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps).to(x.dtype)
 
 
 class LoopedGPTModel(LanguageModule):
@@ -127,6 +136,8 @@ class LoopedGPTModel(LanguageModule):
         loops_inside: bool = True,
         exit_gate_step_bias: bool = False,
         loop_step_embedding: bool = False,
+        loop_input_injection: bool = False,
+        loop_carry: str = "normed",
         output_layer_config: Optional[TransformerConfig] = None,
     ):
         super().__init__(config=config)
@@ -159,6 +170,14 @@ class LoopedGPTModel(LanguageModule):
                 torch.zeros(loop_steps, config.hidden_size, dtype=config.params_dtype))
             # each TP rank sees its own slice of the sequence under SP: sum the gradient over TP
             setattr(self.loop_step_embedding, "sequence_parallel", config.sequence_parallel)
+        # --loop-input-injection: every step after the first also reads the token embedding
+        # (Huginn's and looped-transformer input injection; Ouro has none).
+        self.loop_input_injection = loop_input_injection
+        # --loop-carry: what the next step consumes. normed = the final norm's output (Ouro);
+        # residual = the block's un-normalised residual stream, as in an unshared stack of T*N
+        # layers (the heads still read the final norm's output).
+        assert loop_carry in ("normed", "residual"), loop_carry
+        self.loop_carry = loop_carry
         self.rotary_pos_emb = RotaryEmbedding(
             kv_channels=config.kv_channels,
             rotary_percent=1.0,
@@ -218,8 +237,9 @@ class LoopedGPTModel(LanguageModule):
         positions given are appended at the caches' offset.
         """
         steps = range(self.loop_steps) if loop_step is None else [loop_step]
+        embedded = None
         if self.pre_process and steps[0] == 0:
-            hidden = self.embedding(input_ids=input_ids, position_ids=position_ids)
+            hidden = embedded = self.embedding(input_ids=input_ids, position_ids=position_ids)
         else:
             hidden = self.input_tensor
         seq_len = input_ids.shape[1] if input_ids is not None else labels.shape[1]
@@ -231,6 +251,10 @@ class LoopedGPTModel(LanguageModule):
 
         output = LoopedOutput()
         for step in steps:
+            if self.pre_process and step > 0 and self.loop_input_injection:
+                if embedded is None:  # under PP each loop step is a call of its own
+                    embedded = self.embedding(input_ids=input_ids, position_ids=position_ids)
+                hidden = hidden + _unit_rms(embedded)
             if self.loop_step_embedding is not None:
                 hidden = hidden + self.loop_step_embedding[step]
             hidden = self.decoder(
@@ -239,14 +263,17 @@ class LoopedGPTModel(LanguageModule):
             )
             if not self.post_process:
                 continue
-            hidden = self.final_layernorm(hidden)
+            normed = self.final_layernorm(hidden)
+            carried = hidden if self.loop_carry == "residual" else normed
             is_last_step = step == self.loop_steps - 1
             if loop_step is None or is_last_step:
-                output.steps.append(self._step_head(hidden, labels_sb, head, step))
+                output.steps.append(self._step_head(normed, labels_sb, head, step))
+                hidden = carried
             else:
-                twin = hidden.detach().requires_grad_(hidden.requires_grad)
+                twin = normed.detach().requires_grad_(normed.requires_grad)
                 self._deferred_steps[step].append(self._step_head(twin, labels_sb, head, step))
-                hidden = _AddDeferredGrad.apply(hidden, twin) if hidden.requires_grad else hidden
+                hidden = (_AddDeferredGrad.apply(carried, normed, twin) if normed.requires_grad
+                          else carried)
         if not self.post_process or (loop_step is not None and loop_step != self.loop_steps - 1):
             return hidden
         if loop_step is not None:

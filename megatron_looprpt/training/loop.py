@@ -62,6 +62,8 @@ def model_config(args, vocab_size: int) -> LoopedModelConfig:
         make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
         exit_gate_init=args.exit_gate_init,
         loop_step_embedding=args.loop_step_embedding,
+        loop_input_injection=args.loop_input_injection,
+        loop_carry=args.loop_carry,
     )
 
 

@@ -50,6 +50,8 @@ def main():
     p.add_argument("--rl", action="store_true", help="LoopRPT iterations instead of LM")
     p.add_argument("--tied", action="store_true", help="output layer tied to the embedding")
     p.add_argument("--loop-step-embedding", action="store_true", help="a learned input vector per loop step")
+    p.add_argument("--loop-input-injection", action="store_true", help="later steps re-read the embedding")
+    p.add_argument("--loop-carry", default="normed", choices=["normed", "residual"])
     p.add_argument("--out", required=True)
     a = p.parse_args()
     parallel.initialize(a.tp, a.pp, seed=7)
@@ -61,6 +63,7 @@ def main():
         vocab_size=vocab, max_position_embeddings=64, loop_steps=a.loops, tensor_parallel=a.tp,
         pipeline_parallel=a.pp, sequence_parallel=a.sp, make_vocab_size_divisible_by=64,
         untie_embeddings_and_output_weights=not a.tied, loop_step_embedding=a.loop_step_embedding,
+        loop_input_injection=a.loop_input_injection, loop_carry=a.loop_carry,
     )
     pm = build_model(cfg, seed=11, use_distributed_optimizer=a.dist_opt)
     optim = OptimConfig(lr=1e-3, min_lr=1e-4, lr_warmup_iters=1, lr_decay_iters=10,
