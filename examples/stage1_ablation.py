@@ -62,6 +62,12 @@ ARMS = {
     "progressive-1000": ("T=4, progressive, 1000 iterations", ["--step-loss-weights", "progressive",
                                                                 "--train-iters", "1000"]),
     # does depth itself pay on text at this budget? (the looped model's compute, unshared)
+    "uniform-inject-1000": ("T=4, uniform, injection, 1000 iterations", ["--step-loss-weights", "uniform",
+                                                                       "--loop-input-injection",
+                                                                       "--train-iters", "1000"]),
+    "progressive-inject-1000": ("T=4, progressive, injection, 1000 iterations",
+                                ["--step-loss-weights", "progressive", "--loop-input-injection",
+                                 "--train-iters", "1000"]),
     "deep-1000": ("8 unshared layers, T=1, 1000 iterations", ["--num-layers", "8", "--loop-steps", "1",
                                                               "--train-iters", "1000"]),
     "exit-beta0.1-1000": ("T=4, Ouro's loss, beta 0.1, 1000 iterations", ["--step-loss-weights", "exit",
@@ -83,7 +89,10 @@ def _flags(arm: str, data: tuple, seed: int, run_dir: str) -> list:
     common = list(_common_flags(tokenizer, prefixes))
     common[common.index("--seed") + 1] = str(seed)
     common[common.index("--eval-iters") + 1] = str(EVAL_ITERS)
+    # Ouro's loop unless the arm says otherwise: the arms measured before the tiny preset turned
+    # input injection on keep what they measured
     return common + [
+        "--no-loop-input-injection",
         "--train-iters", str(iters), "--lr", "3e-3", "--min-lr", "3e-4", "--lr-warmup-iters", "20",
         "--eval-interval", str(iters), "--log-interval", "100", "--no-progress-bar",
         "--log-json", os.path.join(run_dir, "log.jsonl"), *ARMS[arm][1],

@@ -64,10 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="add a learned vector per loop step to the shared block's input, so that the block can "
                         "tell its steps apart (Universal Transformer's timestep signal; Ouro has none: such a "
                         "checkpoint cannot be exported to Hugging Face Ouro; docs/model.md)")
-    g.add_argument("--loop-input-injection", action="store_true",
+    g.add_argument("--loop-input-injection", action="store_true", default=None,
                    help="every loop step after the first also reads the token embedding, scaled to unit RMS "
-                        "(Huginn's input injection; Ouro has none: such a checkpoint cannot be exported to "
-                        "Hugging Face Ouro; docs/model.md)")
+                        "(input injection; Ouro has none: such a checkpoint cannot be exported to Hugging Face "
+                        "Ouro). Default: on for the presets tiny to base (the stage-1 recipe, docs/depth.md), "
+                        "off for the ouro-* presets and shapes given by hand")
+    g.add_argument("--no-loop-input-injection", dest="loop_input_injection", action="store_false", default=None,
+                   help="Ouro's loop: each step reads only the previous step's output")
     g.add_argument("--loop-carry", choices=["normed", "residual"], default="normed",
                    help="what the next loop step consumes: normed = the final norm's output (Ouro); residual = "
                         "the un-normalised residual stream, as an unshared stack would (not exportable to Ouro)")

@@ -55,9 +55,23 @@ def test_every_preset_is_consistent_and_cpu_presets_grow():
         args = parse_args(["--model-size", name, *MOCK])
         assert args.model_size == name
     cpu = [PRESETS[name] for name in ("tiny", "small", "medium", "base")]
-    assert PRESETS["tiny"] == ModelShape(2, 128, 4, 2, 352, 128, 512, loop_steps=4)
+    assert PRESETS["tiny"] == ModelShape(2, 128, 4, 2, 352, 128, 512, loop_steps=4, loop_input_injection=True)
     for smaller, larger in zip(cpu, cpu[1:]):
         assert larger.hidden_size > smaller.hidden_size and larger.num_layers >= smaller.num_layers
+
+
+def test_input_injection_is_the_cpu_presets_recipe_and_off_for_ouro_shapes():
+    # the CPU presets train the stage-1 recipe; Ouro's shapes and hand-given shapes are Ouro's
+    # architecture, so that what they train exports to Hugging Face Ouro
+    assert all(parse_args(["--model-size", name, *MOCK]).loop_input_injection
+               for name in ("tiny", "small", "medium", "base"))
+    assert not any(parse_args(["--model-size", name, *MOCK]).loop_input_injection
+                   for name in ("ouro-1.4b", "ouro-2.6b"))
+    assert parse_args(MOCK).loop_input_injection  # no shape flag at all: the tiny preset
+    by_hand = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "32"]
+    assert parse_args([*by_hand, *MOCK]).loop_input_injection is False
+    assert parse_args(["--model-size", "tiny", "--no-loop-input-injection", *MOCK]).loop_input_injection is False
+    assert parse_args([*by_hand, "--loop-input-injection", *MOCK]).loop_input_injection is True
 
 
 def test_ouro_presets_have_the_published_shapes():
@@ -315,7 +329,7 @@ def test_checkpoint_of_another_shape_is_refused():
     args.load, args.padded_vocab_size = "/ckpt", 512
     saved = {name: getattr(args, name) for name in (
         "num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
-        "untie_embeddings_and_output_weights", "padded_vocab_size")}
+        "untie_embeddings_and_output_weights", "padded_vocab_size", "loop_input_injection")}
     # The loop count is not part of the shape: the weights do not depend on T.
     check_checkpoint_shape(args, {**saved, "loop_steps": 8})
     with pytest.raises(ConfigError) as info:
@@ -335,14 +349,16 @@ def test_checkpoint_of_another_shape_is_refused():
     with pytest.raises(ConfigError, match="--loop-steps 4 but the checkpoint has an input embedding for each of its 8"):
         check_checkpoint_shape(parse_args(MOCK + ["--loop-step-embedding"]), {**embedded, "loop_steps": 8})
     # the loop's dataflow adds no weights, but weights trained with one compute another function
-    # under the other: refused both ways, and a checkpoint from before the flags is Ouro's
-    check_checkpoint_shape(args, saved)
+    # under the other: refused both ways. A checkpoint from before the flags has Ouro's loop, so
+    # the tiny preset (input injection on) refuses it and --no-loop-input-injection loads it.
+    before_the_flags = {name: value for name, value in saved.items() if name != "loop_input_injection"}
+    with pytest.raises(ConfigError, match="--loop-input-injection True but the checkpoint has False"):
+        check_checkpoint_shape(args, before_the_flags)
+    check_checkpoint_shape(parse_args(MOCK + ["--no-loop-input-injection"]), before_the_flags)
     with pytest.raises(ConfigError, match="--loop-carry residual but the checkpoint has normed"):
         check_checkpoint_shape(parse_args(MOCK + ["--loop-carry", "residual"]), saved)
-    with pytest.raises(ConfigError, match="--loop-input-injection False but the checkpoint has True"):
-        check_checkpoint_shape(args, {**saved, "loop_input_injection": True})
-    injected = parse_args(MOCK + ["--loop-input-injection"])
-    check_checkpoint_shape(injected, {**saved, "loop_input_injection": True, "loop_steps": 8})
+    # neither adds a weight per step: T stays free
+    check_checkpoint_shape(args, {**saved, "loop_steps": 8})
 
 
 def test_cli_reports_one_line_and_exit_code_2_without_heavy_imports():

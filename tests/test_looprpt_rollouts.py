@@ -65,7 +65,12 @@ def test_a_sequence_slice_gets_the_noise_of_its_positions(offset, length):
     latent = _latent().detach()
     full = noise(step=2, latent=latent, gate=gate, seq_offset=0)
     part = noise(step=2, latent=latent[offset:offset + length], gate=gate, seq_offset=offset)
-    torch.testing.assert_close(part, full[:, offset:offset + length], rtol=0, atol=0)
+    # the noise itself bit for bit; the gate's logits to fp32 round-off, since a product over
+    # another number of rows may take another CPU kernel (7 rows rounded otherwise than 289 here)
+    torch.testing.assert_close(noise.draw(2, offset, offset + length, H, latent.device),
+                               noise.draw(2, 0, SEQ, H, latent.device)[:, offset:offset + length],
+                               rtol=0, atol=0)
+    torch.testing.assert_close(part, full[:, offset:offset + length], rtol=1e-6, atol=1e-6)
     # and it is keyed by sample, step and position, not by the company a sample keeps
     alone = LatentNoise((11,), G, noise.std, seed=noise.seed)(2, latent[:, 1:], gate, 0)
     torch.testing.assert_close(alone[..., 0], full[..., 1], rtol=0, atol=0)

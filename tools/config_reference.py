@@ -35,8 +35,8 @@ built, with one line naming the flag and the fix, and exit code 2.
 `--model-size` fills the shape; any shape flag given explicitly wins. Without `--model-size` and
 without any architecture flag, the `tiny` preset is used (`megatron_looprpt/presets.py`).
 
-| preset | layers N | hidden | heads / groups | ffn | seq | T | vocab |
-| --- | --- | --- | --- | --- | --- | --- | --- |
+| preset | layers N | hidden | heads / groups | ffn | seq | T | vocab | input injection |
+| --- | --- | --- | --- | --- | --- | --- | --- | --- |
 """
 
 
@@ -47,7 +47,7 @@ def _preset_rows() -> str:
             f"{shape.seq_length} (max {shape.max_position_embeddings})"
         rows.append(f"| {name} | {shape.num_layers} | {shape.hidden_size} | {shape.num_attention_heads} / "
                     f"{shape.num_query_groups} | {shape.ffn_hidden_size} | {seq} | {shape.loop_steps} | "
-                    f"{shape.vocab_size or 'tokenizer'} |")
+                    f"{shape.vocab_size or 'tokenizer'} | {'yes' if shape.loop_input_injection else 'no (Ouro)'} |")
     return "\n".join(rows) + "\n"
 
 
