@@ -32,6 +32,18 @@ def test_cached_generation_equals_full_recomputation(single_process_parallel, op
         assert all(s == step for row in cached.exit_steps for s in row)
 
 
+@pytest.mark.parametrize("loop_options", [dict(loop_input_injection=True), dict(loop_carry="residual")],
+                         ids=["input-injection", "residual-carry"])
+def test_cached_generation_equals_full_recomputation_for_other_loops(single_process_parallel, loop_options):
+    # a decoding step re-embeds only its new tokens for the injection, and carries only theirs
+    model = build(1, **loop_options)
+    cached, recomputed = _generate(model, temperature=0.0), _generate(model, temperature=0.0, use_cache=False)
+    assert cached.tokens == recomputed.tokens
+    for a, b in zip(cached.logprobs, recomputed.logprobs):
+        assert torch.allclose(torch.tensor(a), torch.tensor(b), atol=1e-5)
+    assert cached.tokens != _generate(build(1), temperature=0.0).tokens  # the loop option is in effect
+
+
 def test_sampling_settings_and_stop_tokens(single_process_parallel):
     model = build(1)
     first = _generate(model)

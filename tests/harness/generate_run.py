@@ -18,11 +18,11 @@ PROMPTS = [[5, 9, 13, 2], [7, 1], [3, 3, 8, 11, 40, 2, 6], [100], [42, 43, 44]]
 VOCAB = 200
 
 
-def build(tp: int, pp: int = 1):
+def build(tp: int, pp: int = 1, **loop_options):
     cfg = LoopedModelConfig(
         num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=96,
         vocab_size=VOCAB, max_position_embeddings=64, loop_steps=3, tensor_parallel=tp, pipeline_parallel=pp,
-        make_vocab_size_divisible_by=64, untie_embeddings_and_output_weights=True,
+        make_vocab_size_divisible_by=64, untie_embeddings_and_output_weights=True, **loop_options,
     )
     return build_model(cfg, seed=21, wrap_ddp=False)
 
