@@ -149,10 +149,11 @@ def trained_iteration(save_dir: str) -> Optional[int]:
         return None
 
 
-def part_dir(out: str, part: str, num_layers: int, iters: int) -> str:
+def part_dir(out: str, part: str, num_layers: int, iters: int, ouro_loop: bool = False) -> str:
     """Where a part's runs with an N-layer block and a budget of ``iters`` live (the models under
-    MODEL/seedS): a rerun with another N or budget starts its own runs instead of resuming these."""
-    return os.path.join(out, part, f"n{num_layers}_{iters}it")
+    MODEL/seedS): a rerun with another N, budget or loop starts its own runs instead of resuming
+    these."""
+    return os.path.join(out, part, f"n{num_layers}_{iters}it" + ("_ouroloop" if ouro_loop else ""))
 
 
 def run_one(runs: str, part: str, part_flags: List[str], eval_flags: List[str], arm: Arm, seed: int,
@@ -254,7 +255,8 @@ def _row(label: str, cells: List[str], steps: int) -> str:
 
 
 def format_tables(results: dict, cfg) -> str:
-    lines = [f"Depth study, seeds {', '.join(map(str, cfg.seeds))} (mean ± std over seeds)"]
+    loop = "Ouro's loop, --no-loop-input-injection" if cfg.ouro_loop else "input injection, the tiny preset's recipe"
+    lines = [f"Depth study, seeds {', '.join(map(str, cfg.seeds))} (mean ± std over seeds; the looped model: {loop})"]
     steps = cfg.loop_steps
     header = " | ".join(f"step {t + 1}" for t in range(steps))
     if "task" in results:
@@ -349,6 +351,9 @@ def main(argv=None) -> None:
     p.add_argument("--jobs", type=int, default=2,
                    help="runs trained at once, each on cpu_count / jobs threads (2 on 2 cores: about twice "
                         "the throughput of one run using both)")
+    p.add_argument("--ouro-loop", action="store_true",
+                   help="the looped model without input injection (--no-loop-input-injection: Ouro's loop); "
+                        "runs under PART/nN_Iit_ouroloop")
     p.add_argument("--collect-only", action="store_true", help="rebuild the tables and plots from the reports")
     cfg = p.parse_args(argv)
     start = time.time()
@@ -365,7 +370,10 @@ def main(argv=None) -> None:
             flags, iters = text_flags(cfg.text_iters), cfg.text_iters
             eval_flags = ["--eval-iters", str(cfg.text_eval_iters)]
             num_layers = cfg.text_num_layers
-        study, runs_dir = arms(num_layers, cfg.loop_steps), part_dir(cfg.out, part, num_layers, iters)
+        if cfg.ouro_loop:
+            flags = [*flags, "--no-loop-input-injection"]
+        study = arms(num_layers, cfg.loop_steps)
+        runs_dir = part_dir(cfg.out, part, num_layers, iters, cfg.ouro_loop)
         descriptions = {arm.name: arm.description for arm in study}
         if not cfg.collect_only:
             # seed by seed, so an interrupted study already holds whole comparisons; the slowest
