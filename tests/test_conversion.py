@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from megatron_looprpt.training.checkpointing import read_checkpoint_info
 from tests.torchrun import ROOT, run
 
 CONVERT = os.path.join(ROOT, "tools", "checkpoint", "convert.py")
@@ -328,8 +329,17 @@ def test_a_checkpoint_ouro_cannot_run_is_refused_on_export(tmp_path, flag, messa
     assert message in _refused_export_of_one_trained_with(tmp_path, flag)
 
 
-def _refused_export_of_one_trained_with(tmp_path, flag: str) -> str:
-    """Train one step with ``flag``, ask for its Hugging Face export; the refusal's one line."""
+def test_a_checkpoint_with_another_loop_reshards_and_keeps_it(tmp_path):
+    # the refusal is Hugging Face's: megatron -> megatron keeps the loop setting it was trained with
+    trained = _trained_with(tmp_path, "--loop-input-injection")
+    convert_ok("--source-format", "mcore", "--target-format", "mcore", "--load-dir", trained,
+               "--save-dir", tmp_path / "tp2", "--target-tensor-parallel-size", 2)
+    args = read_checkpoint_info(str(tmp_path / "tp2"))["args"]
+    assert args["loop_input_injection"] is True and args["tensor_model_parallel_size"] == 2
+
+
+def _trained_with(tmp_path, flag: str):
+    """One training step with ``flag`` saved under tmp_path/mcore."""
     trained = subprocess.run(
         [sys.executable, os.path.join(ROOT, "pretrain_looprpt.py"), "--mock-data", "--tokenizer-type",
          "NullTokenizer", "--vocab-size", "128", "--num-layers", "1", "--hidden-size", "32",
@@ -338,7 +348,12 @@ def _refused_export_of_one_trained_with(tmp_path, flag: str) -> str:
         cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"},
         capture_output=True, text=True, timeout=300)
     assert trained.returncode == 0, trained.stderr[-3000:]
-    result = convert("--source-format", "mcore", "--target-format", "hf", "--load-dir", tmp_path / "mcore",
+    return tmp_path / "mcore"
+
+
+def _refused_export_of_one_trained_with(tmp_path, flag: str) -> str:
+    """Train one step with ``flag``, ask for its Hugging Face export; the refusal's one line."""
+    result = convert("--source-format", "mcore", "--target-format", "hf", "--load-dir", _trained_with(tmp_path, flag),
                      "--save-dir", tmp_path / "out")
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()

@@ -164,7 +164,11 @@ class OuroArchitecture:
         source's own (its tokenizer, sequence length, ... stay as they were)."""
         from megatron_looprpt.flags import build_parser
 
-        args = copy.deepcopy(source_args) if source_args else vars(build_parser().parse_args([]))
+        if source_args:
+            args = copy.deepcopy(source_args)
+        else:
+            # a Hugging Face Ouro model has Ouro's loop (the flag's default comes from a preset)
+            args = {**vars(build_parser().parse_args([])), "loop_input_injection": False}
         args.update(
             num_layers=self.num_layers,
             hidden_size=self.hidden_size,

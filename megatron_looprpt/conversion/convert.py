@@ -13,6 +13,7 @@ from typing import Callable, Dict, Optional
 
 import torch
 
+from megatron_looprpt.arguments import dataflow_changes
 from megatron_looprpt.conversion.architecture import ConversionError
 from megatron_looprpt.conversion.hf_format import HFLoader, asset_files, parse_size, save_hf
 from megatron_looprpt.conversion.mcore_format import McoreLoader, save_mcore
@@ -57,6 +58,14 @@ def _assets(loader, o: ConvertOptions) -> Dict[str, str]:
 
 
 def _save_hf(loader, o: ConvertOptions) -> str:
+    # Ouro's tensors hold such weights, but Ouro's modeling code would run them as another
+    # function; resharding them (--target-format mcore) keeps their loop setting
+    changes = dataflow_changes(getattr(loader, "args", None) or {})
+    if changes:
+        flag, what = changes[0]
+        raise ConversionError(f"--load-dir {o.load_dir}: trained with {flag}, which {what}; Ouro's "
+                              f"architecture does not, so only checkpoints without {flag} export to "
+                              "Hugging Face (--target-format mcore reshards it)")
     save_hf(loader.arch, loader.get, _target_dtype(loader, o), o.save_dir, parse_size(o.max_shard_size),
             _assets(loader, o))
     return o.save_dir

@@ -26,7 +26,7 @@ from megatron.core.dist_checkpointing.strategies.torch import (
 from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint import save as dcp_save
 
-from megatron_looprpt.arguments import dataflow_changes, per_step_weights
+from megatron_looprpt.arguments import per_step_weights
 from megatron_looprpt.conversion.architecture import ConversionError, OuroArchitecture
 from megatron_looprpt.conversion.tensor_map import (
     EMBEDDING,
@@ -151,11 +151,6 @@ class McoreLoader:
             flag, _, weights = extra[0]
             raise ConversionError(f"--load-dir {load_dir}: trained with {flag}, whose per-step {weights} "
                                   f"Ouro's format cannot hold; only checkpoints without {flag} convert")
-        changes = dataflow_changes(self.args)
-        if changes:  # Ouro's modeling code would run these weights as another function
-            flag, what = changes[0]
-            raise ConversionError(f"--load-dir {load_dir}: trained with {flag}, which {what}; Ouro's "
-                                  f"architecture does not, so only checkpoints without {flag} convert")
         self.prefix = ""
         if model == "teacher":
             if "teacher" not in info.get("extra_models", []):
