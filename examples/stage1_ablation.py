@@ -1,6 +1,6 @@
 """Stage-1 ablation: which choices make a looped model's later loop steps better on text.
 
-    python examples/stage1_ablation.py                      # every arm, 1 seed: ~4 h on 2 CPU cores
+    python examples/stage1_ablation.py                      # every arm, 1 seed: ~5.5 h on 2 CPU cores
     python examples/stage1_ablation.py --arms exit uniform --seeds 1234 1235
 
 Each arm is the quickstart's stage 1 (tiny preset, the quickstart corpus, 16 x 128 tokens per
@@ -61,13 +61,13 @@ ARMS = {
     "uniform-1000": ("T=4, uniform, 1000 iterations", ["--step-loss-weights", "uniform", "--train-iters", "1000"]),
     "progressive-1000": ("T=4, progressive, 1000 iterations", ["--step-loss-weights", "progressive",
                                                                 "--train-iters", "1000"]),
-    # does depth itself pay on text at this budget? (the looped model's compute, unshared)
     "uniform-inject-1000": ("T=4, uniform, injection, 1000 iterations", ["--step-loss-weights", "uniform",
                                                                        "--loop-input-injection",
                                                                        "--train-iters", "1000"]),
     "progressive-inject-1000": ("T=4, progressive, injection, 1000 iterations",
                                 ["--step-loss-weights", "progressive", "--loop-input-injection",
                                  "--train-iters", "1000"]),
+    # does depth itself pay on text at this budget? (the looped model's compute, unshared)
     "deep-1000": ("8 unshared layers, T=1, 1000 iterations", ["--num-layers", "8", "--loop-steps", "1",
                                                               "--train-iters", "1000"]),
     "exit-beta0.1-1000": ("T=4, Ouro's loss, beta 0.1, 1000 iterations", ["--step-loss-weights", "exit",
