@@ -1,6 +1,6 @@
 """Stage-1 ablation: which choices make a looped model's later loop steps better on text.
 
-    python examples/stage1_ablation.py                      # every arm, 1 seed: ~5.5 h on 2 CPU cores
+    python examples/stage1_ablation.py                      # every arm, 1 seed: ~6 h on 2 CPU cores
     python examples/stage1_ablation.py --arms exit uniform --seeds 1234 1235
 
 Each arm is the quickstart's stage 1 (tiny preset, the quickstart corpus, 16 x 128 tokens per
@@ -49,6 +49,11 @@ ARMS = {
                         ["--step-loss-weights", "uniform", "--loop-input-injection", "--loop-carry", "residual"]),
     "progressive-inject": ("T=4, progressive, the token embedding re-injected at every step (not Ouro's)",
                            ["--step-loss-weights", "progressive", "--loop-input-injection"]),
+    "inject-stepemb": ("T=4, uniform, injection and a learned input vector per loop step (not Ouro's)",
+                       ["--step-loss-weights", "uniform", "--loop-input-injection", "--loop-step-embedding"]),
+    "inject-lr1e-3": ("T=4, uniform, injection, lr 1e-3 -> 1e-4", ["--step-loss-weights", "uniform",
+                                                                  "--loop-input-injection", "--lr", "1e-3",
+                                                                  "--min-lr", "1e-4"]),
     "uniform-lr1e-3": ("T=4, uniform, lr 1e-3 -> 1e-4", ["--step-loss-weights", "uniform", "--lr", "1e-3",
                                                           "--min-lr", "1e-4"]),
     "uniform-lr3e-4": ("T=4, uniform, lr 3e-4 -> 3e-5", ["--step-loss-weights", "uniform", "--lr", "3e-4",
