@@ -443,8 +443,9 @@ def _validate_logging(args) -> None:
 _CHECKPOINT_SHAPE = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
                      "ffn_hidden_size", "untie_embeddings_and_output_weights", "rotary_base", "norm_epsilon",
                      "exit_gate_init", "loop_step_embedding", "loop_input_injection", "loop_carry")
-# what a checkpoint written before a flag existed was trained with
-_CHECKPOINT_DEFAULTS = {"exit_gate_init": "geometric", "loop_step_embedding": False,
+# what a checkpoint written before a flag existed was trained with: Ouro's architecture, also what a
+# model converted from Hugging Face Ouro has
+CHECKPOINT_DEFAULTS = {"exit_gate_init": "geometric", "loop_step_embedding": False,
                         "loop_input_injection": False, "loop_carry": "normed"}
 # Settings that add weights held once per loop step (additions of ours, not Ouro's): with them a
 # checkpoint's T is part of its shape, and Ouro's format has no place for the weights.
@@ -464,26 +465,29 @@ _DATAFLOW_CHANGES = {
 }
 
 
+def _settings_in_effect(saved_args: dict, table: dict) -> list:
+    """The entries (less the value) of ``table`` whose setting the checkpoint arguments have."""
+    saved_args = {**CHECKPOINT_DEFAULTS, **saved_args}
+    return [entry[1:] for name, entry in table.items() if saved_args[name] == entry[0]]
+
+
 def dataflow_changes(saved_args: dict) -> list:
     """(flag, what it does) of each setting the checkpoint arguments say changes the looped
     block's computation from Ouro's; empty for a model in Ouro's architecture."""
-    saved_args = {**_CHECKPOINT_DEFAULTS, **saved_args}
-    return [(flag, what) for name, (value, flag, what) in _DATAFLOW_CHANGES.items() if saved_args[name] == value]
+    return _settings_in_effect(saved_args, _DATAFLOW_CHANGES)
 
 
 def per_step_weights(saved_args: dict) -> list:
     """(flag, one weight, the weights) of each per-step weight the checkpoint arguments say the
     model holds; empty for a model in Ouro's architecture."""
-    saved_args = {**_CHECKPOINT_DEFAULTS, **saved_args}
-    return [(flag, one, many) for name, (value, flag, one, many) in _PER_STEP_WEIGHTS.items()
-            if saved_args[name] == value]
+    return _settings_in_effect(saved_args, _PER_STEP_WEIGHTS)
 
 
 def check_checkpoint_shape(args: argparse.Namespace, saved_args: dict) -> None:
     """Refuse a --load checkpoint of another shape before anything is built. ``saved_args``: the
     arguments stored with the checkpoint. The vocabulary is compared once the caller has set
     ``args.padded_vocab_size`` (it needs the tokenizer)."""
-    saved_args = {**_CHECKPOINT_DEFAULTS, **saved_args}
+    saved_args = {**CHECKPOINT_DEFAULTS, **saved_args}
     mismatches = [
         f"{_flag(name)} {getattr(args, name)} but the checkpoint has {saved_args[name]}"
         for name in _CHECKPOINT_SHAPE

@@ -162,13 +162,14 @@ class OuroArchitecture:
         """The run arguments a converted checkpoint carries: enough for ``--load``,
         ``tools/evaluate.py`` and the way back to Hugging Face. ``source_args``: a megatron
         source's own (its tokenizer, sequence length, ... stay as they were)."""
+        from megatron_looprpt.arguments import CHECKPOINT_DEFAULTS
         from megatron_looprpt.flags import build_parser
 
         if source_args:
             args = copy.deepcopy(source_args)
         else:
-            # a Hugging Face Ouro model has Ouro's loop (the flag's default comes from a preset)
-            args = {**vars(build_parser().parse_args([])), "loop_input_injection": False}
+            # a Hugging Face Ouro model: Ouro's architecture, not the parser's unfilled preset flags
+            args = {**vars(build_parser().parse_args([])), **CHECKPOINT_DEFAULTS}
         args.update(
             num_layers=self.num_layers,
             hidden_size=self.hidden_size,
