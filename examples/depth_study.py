@@ -52,9 +52,14 @@ from typing import Dict, List, Optional
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from megatron_looprpt.arguments import CHECKPOINT_DEFAULTS, parse_args  # noqa: E402
 from megatron_looprpt.data.composition import CompositionTask, write_composition_task  # noqa: E402
+from megatron_looprpt.training.checkpointing.meta import read_checkpoint_args  # noqa: E402
 
 TRACKER = "latest_checkpointed_iteration.txt"
+# The settings that make a stage-1 recipe: a run trained with other values is another study's
+RECIPE_SETTINGS = ("step_loss_weights", "step_increase_penalty", "exit_entropy_coef", "exit_gate_init",
+                   "loop_input_injection", "loop_carry", "loop_step_embedding")
 TASK_ITERS = 1200
 PARTS = ("task", "text")
 
@@ -156,6 +161,20 @@ def part_dir(out: str, part: str, num_layers: int, iters: int, ouro_loop: bool =
     return os.path.join(out, part, f"n{num_layers}_{iters}it" + ("_ouroloop" if ouro_loop else ""))
 
 
+def refuse_another_recipe(save_dir: str, flags: List[str]) -> None:
+    """Stop, in one line, when ``save_dir`` holds a model trained with another stage-1 recipe than
+    ``flags`` give now (runs of an older checkout, say): the study would report it as this one."""
+    saved = read_checkpoint_args(save_dir)
+    if saved is None:
+        return
+    saved, wanted = {**CHECKPOINT_DEFAULTS, **saved}, vars(parse_args(flags))
+    differ = [f"--{name.replace('_', '-')} {saved[name]} (now {wanted[name]})"
+              for name in RECIPE_SETTINGS if name in saved and saved[name] != wanted[name]]
+    if differ:
+        raise SystemExit(f"[depth] {save_dir} was trained with {', '.join(differ)}: move its runs away "
+                         "or pass another --out")
+
+
 def run_one(runs: str, part: str, part_flags: List[str], eval_flags: List[str], arm: Arm, seed: int,
             iters: int, threads: Optional[int] = None) -> str:
     """Train (unless finished) and evaluate (unless reported) one model under ``runs`` (a
@@ -163,13 +182,15 @@ def run_one(runs: str, part: str, part_flags: List[str], eval_flags: List[str], 
     run_dir = os.path.join(runs, arm.name, f"seed{seed}")
     save_dir = os.path.join(run_dir, "checkpoint")
     report = os.path.join(run_dir, "eval", "evaluation.json")
+    flags = train_flags(part_flags, arm, seed, iters, save_dir)
+    refuse_another_recipe(save_dir, flags)
     if os.path.exists(report):
         return report
     if (trained_iteration(save_dir) or 0) < iters:
         _log(f"{part}: train {arm.name} seed {seed} ({arm.description}), {iters} iterations")
         start = time.time()
         _run([sys.executable, os.path.join(ROOT, "pretrain_looprpt.py"),
-              *train_flags(part_flags, arm, seed, iters, save_dir)], os.path.join(run_dir, "train.log"), threads)
+              *flags], os.path.join(run_dir, "train.log"), threads)
         _log(f"{part}: {arm.name} seed {seed} trained in {time.time() - start:.0f}s")
     partial = os.path.join(run_dir, "eval.partial")
     if os.path.exists(partial):

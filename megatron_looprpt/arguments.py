@@ -167,6 +167,15 @@ def _validate_shape(args) -> None:
     _require(0.0 < args.exit_threshold <= 1.0,
              f"--exit-threshold {args.exit_threshold} must be in (0, 1] (a CDF level of the exit distribution)")
     _require(args.exit_entropy_coef >= 0.0, f"--exit-entropy-coef {args.exit_entropy_coef} must be >= 0")
+    _require(args.step_increase_penalty >= 0.0,
+             f"--step-increase-penalty {args.step_increase_penalty} must be >= 0")
+    if args.step_loss_weights != "exit":
+        from megatron_looprpt.models.step_weights import step_weights
+
+        try:
+            step_weights(args.step_loss_weights, args.loop_steps)
+        except ValueError as error:
+            raise ConfigError(f"--step-loss-weights: {error} (or exit, Ouro's loss)") from None
 
 
 def _validate_parallel(args, world_size: int) -> None:
@@ -338,7 +347,7 @@ def _validate_token_rl(args) -> None:
     else:
         _require(args.num_generated_prompts >= 1, "--num-generated-prompts must be >= 1")
     if args.rl_algo == "rltt":
-        from megatron_looprpt.rl.grpo import step_weights
+        from megatron_looprpt.models.step_weights import step_weights
 
         try:
             step_weights(args.rltt_weights or "uniform", args.loop_steps)

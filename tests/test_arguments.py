@@ -231,6 +231,9 @@ def test_missing_load_directory_starts_from_scratch(tmp_path):
     (["--rl-algo", "looprpt", "--rl-reference-threshold", "1.2"], 1, "--rl-reference-threshold"),
     (["--rl-algo", "looprpt", "--rl-noise-type", "dropout", "--rl-latent-noise-std", "1"], 1,
      "--rl-latent-noise-std"),
+    (["--step-loss-weights", "1,2"], 1, "--step-loss-weights: step weights '1,2': give 4 non-negative numbers"),
+    (["--step-increase-penalty", "-1"], 1, "--step-increase-penalty -1.0 must be >= 0"),
+    (["--step-loss-weights", "late"], 1, "--step-loss-weights: step weights 'late': choose one of"),
     # GRPO / RLTT (MOCK's NullTokenizer is refused on its own; a real tokenizer file below)
     (["--rl-algo", "grpo"], 1, "--rl-algo grpo samples text answers"),
     # data, checkpoint, logging

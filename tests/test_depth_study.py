@@ -114,3 +114,25 @@ def test_collect_only_writes_both_tables(tmp_path, monkeypatch):
     if importlib.util.find_spec("matplotlib") is not None:
         for name in ("accuracy_vs_step.png", "accuracy_vs_k.png"):
             assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_run_of_another_recipe_is_refused_not_reported(tmp_path, monkeypatch):
+    study = _study_module()
+    save_dir = str(tmp_path / "loop" / "seed1" / "checkpoint")
+    arm = study.arms(2, 4)[1]
+    flags = study.train_flags(["--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "512"],
+                              arm, 1, 300, save_dir)
+    saved = {}
+    monkeypatch.setattr(study, "read_checkpoint_args", lambda path: saved.get(path))
+    study.refuse_another_recipe(save_dir, flags)          # nothing trained there yet
+    current = vars(study.parse_args(flags))
+    saved[save_dir] = {name: current[name] for name in study.RECIPE_SETTINGS}
+    study.refuse_another_recipe(save_dir, flags)          # this recipe's run: reused
+    # a run of an older checkout: uniform weights, saved before injection existed (Ouro's loop)
+    saved[save_dir] = {"step_loss_weights": "uniform", "exit_entropy_coef": current["exit_entropy_coef"]}
+    with pytest.raises(SystemExit) as info:
+        study.refuse_another_recipe(save_dir, flags)
+    message = str(info.value)
+    assert "\n" not in message and save_dir in message
+    assert f"--step-loss-weights uniform (now {current['step_loss_weights']})" in message
+    assert "--loop-input-injection False (now True)" in message

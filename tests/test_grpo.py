@@ -12,21 +12,10 @@ from megatron_looprpt.rl.grpo import (
     grpo_objective,
     grpo_token_loss,
     score_answers,
-    step_weights,
     training_batches,
 )
 from megatron_looprpt.rl.looprpt_loss import TeacherOutputs
 from tests.torchrun import run_json
-
-
-def test_step_weights():
-    assert step_weights("last", 3).tolist() == [0, 0, 1]
-    assert torch.allclose(step_weights("uniform", 4), torch.full((4,), 0.25))
-    assert torch.allclose(step_weights("progressive", 3), torch.tensor([1, 2, 3]) / 6)
-    assert torch.allclose(step_weights("1,0,3", 3), torch.tensor([0.25, 0, 0.75]))
-    for bad in ("1,2", "fast", "0,0,0", "-1,2,0"):
-        with pytest.raises(ValueError, match="step weights"):
-            step_weights(bad, 3)
 
 
 def test_group_advantages():

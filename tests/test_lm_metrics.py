@@ -9,6 +9,7 @@ import torch
 from megatron_looprpt.models.builder import LoopedModelConfig, build_model
 from megatron_looprpt.models.exit_gate import exit_distribution, exit_log_distribution
 from megatron_looprpt.models.loss import ExitLossConfig, stage1_token_loss
+from megatron_looprpt.models.step_weights import step_weights
 from megatron_looprpt.training.logger import IntervalAverage, format_line
 from megatron_looprpt.training.loop import lm_record
 from megatron_looprpt.training.objectives import lm_objective
@@ -79,7 +80,19 @@ def _leaves(seed=0):
     return logprobs, gates
 
 
-@pytest.mark.parametrize("weights", ["exit", "uniform", "progressive", "last"])
+def test_step_weights():
+    assert step_weights("last", 3) == [0, 0, 1]
+    assert step_weights("uniform", 4) == [0.25] * 4
+    assert step_weights("progressive", 3) == pytest.approx([1 / 6, 2 / 6, 3 / 6])
+    assert step_weights("1,0,3", 3) == [0.25, 0, 0.75]
+    assert step_weights("last:0.7", 4) == pytest.approx([0.1, 0.1, 0.1, 0.7])
+    assert step_weights("last:0.7", 1) == [1.0] and step_weights("last:1", 3) == [0, 0, 1]
+    for bad in ("1,2", "fast", "0,0,0", "-1,2,0", "last:0", "last:1.5", "last:x"):
+        with pytest.raises(ValueError, match="step weights"):
+            step_weights(bad, 3)
+
+
+@pytest.mark.parametrize("weights", ["exit", "uniform", "progressive", "last", "1,1,0,2", "last:0.7"])
 def test_stage1_step_weights_gradients(weights):
     beta = 0.3
     logprobs, gates = _leaves()
@@ -90,7 +103,9 @@ def test_stage1_step_weights_gradients(weights):
     entropy = -(p * log_p).sum(0)
     ramp = torch.arange(1, T + 1, dtype=p.dtype).view(T, 1, 1) / (T * (T + 1) / 2)
     backbone_weights = {"exit": p.detach(), "uniform": torch.full_like(p, 1.0 / T), "progressive": ramp.expand_as(p),
-                        "last": torch.nn.functional.one_hot(torch.full((B, S), T - 1), T).permute(2, 0, 1).float()}
+                        "last": torch.nn.functional.one_hot(torch.full((B, S), T - 1), T).permute(2, 0, 1).float(),
+                        "1,1,0,2": torch.tensor([0.25, 0.25, 0.0, 0.5]).view(T, 1, 1).expand_as(p),
+                        "last:0.7": torch.tensor([0.1, 0.1, 0.1, 0.7]).view(T, 1, 1).expand_as(p)}
     # the backbone's step-t loss is weighted as asked ...
     assert torch.allclose(logprobs.grad, -backbone_weights[weights], atol=1e-6)
     # ... and the gate always learns Ouro's exit objective on the per-step losses
@@ -100,6 +115,25 @@ def test_stage1_step_weights_gradients(weights):
     value = stage1_token_loss(logprobs.detach(), gates.detach(), beta, weights)
     backbone = (backbone_weights[weights] * -ref_logprobs.detach()).sum(0)
     assert torch.allclose(value, backbone - beta * entropy.detach(), atol=1e-5)
+
+
+def test_step_increase_penalty_trains_only_the_step_that_rose():
+    beta, lam = 0.3, 0.5
+    logprobs, gates = _leaves()
+    stage1_token_loss(logprobs, gates, beta, "uniform", increase_penalty=lam).sum().backward()
+    plain, plain_gates = _leaves()
+    stage1_token_loss(plain, plain_gates, beta, "uniform").sum().backward()
+    ce = -logprobs.detach()
+    rose = torch.zeros_like(ce)
+    rose[1:] = (ce[1:] > ce[:-1]).float()
+    assert 0.2 < rose[1:].mean() < 0.8   # the case is not trivial
+    # each step's extra gradient is lambda where it rose above the step before, and nothing
+    # reaches the step it rose above
+    assert torch.allclose(logprobs.grad, plain.grad - lam * rose, atol=1e-6)
+    assert torch.allclose(gates.grad, plain_gates.grad, atol=1e-6)
+    value = stage1_token_loss(logprobs.detach(), gates.detach(), beta, "uniform", increase_penalty=lam)
+    base = stage1_token_loss(logprobs.detach(), gates.detach(), beta, "uniform")
+    assert torch.allclose(value - base, lam * torch.clamp(ce[1:] - ce[:-1], min=0).sum(0), atol=1e-5)
 
 
 def test_interval_average_of_the_console_line():

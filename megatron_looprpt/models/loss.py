@@ -8,9 +8,10 @@ Stage 1 objectives (``step_weights``):
 - ``exit`` (Ouro's): L = sum_t p(t) CE_t - beta H(p). The backbone's step-t loss is weighted by
   the gate's p(t); the entropy bonus (a KL to the uniform prior, up to a constant) keeps the gate
   from collapsing onto one step.
-- ``uniform`` / ``progressive`` / ``last``: the backbone is trained on (1/T) sum_t CE_t, on
-  sum_t t CE_t / sum_t t (later steps weigh more, none is left out), or on CE_T alone, and the
-  gate learns the same exit objective on the detached per-step losses,
+- ``uniform`` / ``progressive`` / ``last`` / ``w1,...,wT``: the backbone is trained on
+  (1/T) sum_t CE_t, on sum_t t CE_t / sum_t t (later steps weigh more, none is left out), on
+  CE_T alone, or on sum_t w_t CE_t / sum_t w_t, and the gate learns the same exit objective on
+  the detached per-step losses,
   sum_t p(t) sg[CE_t] - beta H(p). The gate then decides where to exit without deciding how much
   each step is trained, which breaks the loop by which an early-exiting gate starves the later
   steps of gradient and the later steps' higher loss pushes the gate to exit earlier still.
@@ -33,8 +34,8 @@ import torch
 import torch.nn.functional as F
 
 from megatron_looprpt.models.exit_gate import exit_log_distribution, expected_exit_step, q_exit_steps
+from megatron_looprpt.models.step_weights import step_weights as fixed_step_weights
 
-STEP_WEIGHTS = ("exit", "uniform", "progressive", "last")
 
 
 @dataclass(frozen=True)
@@ -45,36 +46,38 @@ class ExitLossConfig:
     improvement_sharpness: float = 50.0   # k
     improvement_margin: float = 0.005     # gamma
     exit_threshold: float = 0.9           # q of Q-exit, for the steps-used metric
+    increase_penalty: float = 0.0         # lambda of the step-increase penalty (not Ouro's)
 
     def __post_init__(self):
-        if self.step_weights not in STEP_WEIGHTS:
-            raise ValueError(f"step_weights must be one of {STEP_WEIGHTS}, got {self.step_weights!r}")
+        if self.step_weights != "exit":
+            # a clear error now rather than at the first step (the count of numbers is checked there)
+            fixed_step_weights(self.step_weights, len(self.step_weights.split(",")))
 
 
-def backbone_step_weights(step_weights: str, num_steps: int, like: torch.Tensor) -> torch.Tensor:
-    """The fixed per-step weights [T] of ``uniform``, ``progressive`` and ``last`` (sum 1)."""
-    steps = torch.arange(1, num_steps + 1, dtype=like.dtype, device=like.device)
-    if step_weights == "uniform":
-        return torch.ones_like(steps) / num_steps
-    if step_weights == "progressive":
-        return steps / steps.sum()
-    return (steps == num_steps).to(like.dtype)
+def step_increase(ce: torch.Tensor) -> torch.Tensor:
+    """[T, b, s] per-step CE -> [b, s] sum_t max(0, CE_{t+1} - sg[CE_t]): how far each token's
+    later steps rise above the step before. Its gradient reaches only the step that rose, so it
+    trains that step harder and never makes an earlier step worse to close the gap."""
+    return torch.clamp(ce[1:] - ce[:-1].detach(), min=0.0).sum(dim=0)
 
 
 def stage1_token_loss(label_logprobs: torch.Tensor, gate_logits: torch.Tensor, entropy_coef: float,
-                      step_weights: str = "exit") -> torch.Tensor:
+                      step_weights: str = "exit", increase_penalty: float = 0.0) -> torch.Tensor:
     """[T, b, s] inputs -> [b, s] stage-1 objective (see the module docstring)."""
     ce = -label_logprobs
     log_p = exit_log_distribution(gate_logits)
     p = log_p.exp()
-    entropy_bonus = entropy_coef * (p * log_p).sum(dim=0)     # -beta H(p)
+    regularisers = entropy_coef * (p * log_p).sum(dim=0)     # -beta H(p)
+    if increase_penalty:
+        regularisers = regularisers + increase_penalty * step_increase(ce)
     if step_weights == "exit":
-        return (p * ce).sum(dim=0) + entropy_bonus
-    backbone = (ce * backbone_step_weights(step_weights, ce.shape[0], ce).view(-1, *[1] * (ce.dim() - 1))).sum(dim=0)
+        return (p * ce).sum(dim=0) + regularisers
+    weights = torch.tensor(fixed_step_weights(step_weights, ce.shape[0]), dtype=ce.dtype, device=ce.device)
+    backbone = (ce * weights.view(-1, *[1] * (ce.dim() - 1))).sum(dim=0)
     # The gate's term, sum_t p(t) sg[CE_t], less its own value: the gradient it sends the gate
-    # is unchanged, and the objective's value stays backbone CE - beta H(p).
+    # is unchanged, and the objective's value stays backbone CE - beta H(p) (+ the penalty).
     gate = (p * ce.detach()).sum(dim=0)
-    return backbone + (gate - gate.detach()) + entropy_bonus
+    return backbone + (gate - gate.detach()) + regularisers
 
 
 def stage2_token_loss(label_logprobs: torch.Tensor, gate_logits: torch.Tensor,
@@ -95,7 +98,8 @@ def token_loss(label_logprobs, gate_logits, cfg: ExitLossConfig) -> torch.Tensor
     """[T, b, s] inputs -> [b, s] objective of ``cfg``'s stage."""
     if cfg.stage == "stage2":
         return stage2_token_loss(label_logprobs, gate_logits, cfg)
-    return stage1_token_loss(label_logprobs, gate_logits, cfg.entropy_coef, cfg.step_weights)
+    return stage1_token_loss(label_logprobs, gate_logits, cfg.entropy_coef, cfg.step_weights,
+                             cfg.increase_penalty)
 
 
 def lm_metric_sums(label_logprobs: torch.Tensor, gate_logits: torch.Tensor, mask: torch.Tensor,

@@ -29,13 +29,11 @@ import torch
 
 from megatron_looprpt.inference.generation import SamplingConfig, generate
 from megatron_looprpt.models.looped_gpt import HeadRequest
+from megatron_looprpt.models.step_weights import step_weights
 from megatron_looprpt.rl.looprpt_loss import TeacherOutputs
 from megatron_looprpt.rl.teacher import forward_outputs
 from megatron_looprpt.device import to_device
 from megatron_looprpt.schedule import train_step
-
-RLTT_WEIGHTS = ("last", "uniform", "progressive")
-
 
 @dataclass(frozen=True)
 class GRPOConfig:
@@ -56,28 +54,7 @@ class GRPOConfig:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
 
     def weights(self, loop_steps: int) -> torch.Tensor:
-        return step_weights(self.step_weights, loop_steps)
-
-
-def step_weights(kind: str, loop_steps: int) -> torch.Tensor:
-    """w_t over the T loop steps, normalised to sum to 1: "last", "uniform", "progressive"
-    (w_t proportional to t) or explicit comma-separated weights, one per step."""
-    if kind == "last":
-        weights = torch.zeros(loop_steps)
-        weights[-1] = 1.0
-    elif kind == "uniform":
-        weights = torch.ones(loop_steps)
-    elif kind == "progressive":
-        weights = torch.arange(1, loop_steps + 1, dtype=torch.float32)
-    else:
-        try:
-            weights = torch.tensor([float(w) for w in kind.split(",")])
-        except ValueError:
-            raise ValueError(f"step weights {kind!r}: choose one of {', '.join(RLTT_WEIGHTS)} or give "
-                             "comma-separated numbers") from None
-        if weights.numel() != loop_steps or (weights < 0).any() or weights.sum() <= 0:
-            raise ValueError(f"step weights {kind!r}: give {loop_steps} non-negative numbers, not all zero")
-    return weights / weights.sum()
+        return torch.tensor(step_weights(self.step_weights, loop_steps))
 
 
 def group_advantages(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

@@ -210,7 +210,8 @@ def pretrain(args) -> dict:
     )
     train_batches = _global_batches(train_ds, args, consumed_samples)
     exit_cfg = ExitLossConfig(entropy_coef=args.exit_entropy_coef, stage=args.exit_gate_training,
-                              step_weights=args.step_loss_weights, exit_threshold=args.exit_threshold)
+                              step_weights=args.step_loss_weights, exit_threshold=args.exit_threshold,
+                              increase_penalty=args.step_increase_penalty)
     forward_step = make_forward_step(partial(lm_objective, cfg=exit_cfg))
     flop_shape = FlopShape(cfg.num_layers, cfg.hidden_size, cfg.num_attention_heads,
                            cfg.num_query_groups or cfg.num_attention_heads,
