@@ -8,8 +8,8 @@ Three models, each for every seed, under one token budget per part:
 - ``loop``: the same N layers looped T = 4 times;
 - ``deep``: N*T unshared layers, T = 1 (the looped model's compute, T times its block parameters).
 
-Every model is the ``tiny`` preset's width and loop (its stage-1 recipe: the mean of the per-step
-losses, input injection), with N layers. Two parts, each training the three models from scratch:
+Every model is the ``tiny`` preset's width and loop (its stage-1 recipe: input injection, the
+last step's loss weighted 0.85 and each other step's 0.05), with N layers. Two parts, each training the three models from scratch:
 - ``task``: the composition task (``data/composition.py``: walks through memorised relations,
   trained on the written entities only; ids for the null tokenizer, so the vocabulary is tiny),
   ``--task-iters`` iterations of 16 x 128 tokens at lr 1e-3 -> 1e-4, N = ``--task-num-layers``
@@ -21,8 +21,10 @@ losses, input injection), with N layers. Two parts, each training the three mode
   with the default stage-1 recipe (docs/depth.md), N = ``--text-num-layers`` (2: the quickstart's
   tiny preset); held-out cross entropy per loop step.
 
-Runs live under ``--out``/PART/nN_Iit/MODEL/seedS (N layers, I iterations), so studies of
-different shapes and budgets share one directory.
+Runs live under ``--out``/PART/nN_Iit/MODEL/seedS (N layers, I iterations; ``_ouroloop`` and
+``_wWEIGHTS`` appended for ``--ouro-loop`` and ``--step-loss-weights``), so studies of different
+shapes, budgets and recipes share one directory; a run trained with another recipe than the
+study's stops it in one line.
 
 The table (``results.md``, ``results.json``) gives means and standard deviations over seeds,
 and at the largest k two comparisons: the loop model's last step against its first (the same
@@ -53,6 +55,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from megatron_looprpt.arguments import CHECKPOINT_DEFAULTS, parse_args  # noqa: E402
+from megatron_looprpt.flags import build_parser  # noqa: E402
 from megatron_looprpt.data.composition import CompositionTask, write_composition_task  # noqa: E402
 from megatron_looprpt.training.checkpointing.meta import read_checkpoint_args  # noqa: E402
 
@@ -154,11 +157,13 @@ def trained_iteration(save_dir: str) -> Optional[int]:
         return None
 
 
-def part_dir(out: str, part: str, num_layers: int, iters: int, ouro_loop: bool = False) -> str:
+def part_dir(out: str, part: str, num_layers: int, iters: int, ouro_loop: bool = False,
+             step_loss_weights: Optional[str] = None) -> str:
     """Where a part's runs with an N-layer block and a budget of ``iters`` live (the models under
-    MODEL/seedS): a rerun with another N, budget or loop starts its own runs instead of resuming
-    these."""
-    return os.path.join(out, part, f"n{num_layers}_{iters}it" + ("_ouroloop" if ouro_loop else ""))
+    MODEL/seedS): a rerun with another N, budget, loop or stage-1 weighting (None: the default)
+    starts its own runs instead of resuming these."""
+    weights = "" if step_loss_weights is None else "_w" + step_loss_weights.replace(":", "").replace(",", "-")
+    return os.path.join(out, part, f"n{num_layers}_{iters}it" + ("_ouroloop" if ouro_loop else "") + weights)
 
 
 def refuse_another_recipe(save_dir: str, flags: List[str]) -> None:
@@ -277,7 +282,9 @@ def _row(label: str, cells: List[str], steps: int) -> str:
 
 def format_tables(results: dict, cfg) -> str:
     loop = "Ouro's loop, --no-loop-input-injection" if cfg.ouro_loop else "input injection, the tiny preset's recipe"
-    lines = [f"Depth study, seeds {', '.join(map(str, cfg.seeds))} (mean ± std over seeds; the looped model: {loop})"]
+    weights = cfg.step_loss_weights or build_parser().get_default("step_loss_weights")
+    lines = [f"Depth study, seeds {', '.join(map(str, cfg.seeds))} (mean ± std over seeds; the looped model: {loop}; "
+             f"stage-1 loss --step-loss-weights {weights})"]
     steps = cfg.loop_steps
     header = " | ".join(f"step {t + 1}" for t in range(steps))
     if "task" in results:
@@ -375,6 +382,9 @@ def main(argv=None) -> None:
     p.add_argument("--ouro-loop", action="store_true",
                    help="the looped model without input injection (--no-loop-input-injection: Ouro's loop); "
                         "runs under PART/nN_Iit_ouroloop")
+    p.add_argument("--step-loss-weights", default=None,
+                   help="the stage-1 weighting over loop steps of every model (pretrain_looprpt.py's flag; default: "
+                        "its default, the recipe); runs under PART/nN_Iit_wWEIGHTS")
     p.add_argument("--collect-only", action="store_true", help="rebuild the tables and plots from the reports")
     cfg = p.parse_args(argv)
     start = time.time()
@@ -393,8 +403,10 @@ def main(argv=None) -> None:
             num_layers = cfg.text_num_layers
         if cfg.ouro_loop:
             flags = [*flags, "--no-loop-input-injection"]
+        if cfg.step_loss_weights is not None:
+            flags = [*flags, "--step-loss-weights", cfg.step_loss_weights]
         study = arms(num_layers, cfg.loop_steps)
-        runs_dir = part_dir(cfg.out, part, num_layers, iters, cfg.ouro_loop)
+        runs_dir = part_dir(cfg.out, part, num_layers, iters, cfg.ouro_loop, cfg.step_loss_weights)
         descriptions = {arm.name: arm.description for arm in study}
         if not cfg.collect_only:
             # seed by seed, so an interrupted study already holds whole comparisons; the slowest
