@@ -9,7 +9,8 @@ Three models, each for every seed, under one token budget per part:
 - ``deep``: N*T unshared layers, T = 1 (the looped model's compute, T times its block parameters).
 
 Every model is the ``tiny`` preset's width and loop (its stage-1 recipe: input injection, the
-last step's loss weighted 0.85 and each other step's 0.05), with N layers. Two parts, each training the three models from scratch:
+last step's loss weighted 0.85 and each other step's 0.05), with N layers. Two parts, each
+training the three models from scratch:
 - ``task``: the composition task (``data/composition.py``: walks through memorised relations,
   trained on the written entities only; ids for the null tokenizer, so the vocabulary is tiny),
   ``--task-iters`` iterations of 16 x 128 tokens at lr 1e-3 -> 1e-4, N = ``--task-num-layers``

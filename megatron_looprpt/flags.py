@@ -74,13 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--loop-carry", choices=["normed", "residual"], default="normed",
                    help="what the next loop step consumes: normed = the final norm's output (Ouro); residual = "
                         "the un-normalised residual stream, as an unshared stack would (not exportable to Ouro)")
-    g.add_argument("--step-loss-weights", default="last:0.85", metavar="{exit,uniform,progressive,last,last:F,w1,...,wT}",
+    g.add_argument("--step-loss-weights", default="last:0.85",
+                   metavar="{exit,uniform,progressive,last,last:F,w1,...,wT}",
                    help="stage 1: how the backbone's per-step losses are weighted: last:F = the last step F, the "
                         "others (1 - F) / (T - 1) each (last:0.85, the default: docs/depth.md); uniform = 1/T each; "
                         "exit = by the gate's exit distribution (Ouro's exact loss); progressive = t / sum(t); "
-                        "last = the last step only; or T comma-separated non-negative numbers (normalised to sum 1); for all but exit the "
-                        "gate learns Ouro's exit objective on the detached losses")
-
+                        "last = the last step only; or T comma-separated non-negative numbers (normalised to "
+                        "sum 1); for all but exit the gate learns Ouro's exit objective on the detached losses")
     g.add_argument("--step-increase-penalty", type=float, default=0.0, metavar="LAMBDA",
                    help="stage 1: add LAMBDA * max(0, CE_{t+1} - sg[CE_t]) per token and loop step, so that a "
                         "step is trained harder where it is worse than the step before (not Ouro's; "

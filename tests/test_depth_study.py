@@ -44,6 +44,10 @@ def test_comparisons_at_the_largest_k(tmp_path):
     study = _study_module()
     runs = study.part_dir(str(tmp_path), "task", 1, 1200)
     assert runs == os.path.join(str(tmp_path), "task", "n1_1200it")
+    assert study.part_dir(str(tmp_path), "text", 2, 300, True, "uniform") == \
+        os.path.join(str(tmp_path), "text", "n2_300it_ouroloop_wuniform")
+    assert study.part_dir(str(tmp_path), "text", 2, 300, False, "last:0.7") == \
+        os.path.join(str(tmp_path), "text", "n2_300it_wlast0.7")
     # loop: step 1 -> step 2 gains 0.5, 0.6, 0.7 (mean 0.6, std 0.1: beyond 2 std)
     loop = {1: [(0.1, 0.6), (0.2, 0.8), (0.1, 0.8)], 2: [(1.0, 1.0)] * 3}
     t1 = [0.3, 0.6, 0.45]         # mean 0.45, std 0.15 against loop's last step 0.733 +- 0.115

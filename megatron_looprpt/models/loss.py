@@ -8,13 +8,15 @@ Stage 1 objectives (``step_weights``):
 - ``exit`` (Ouro's): L = sum_t p(t) CE_t - beta H(p). The backbone's step-t loss is weighted by
   the gate's p(t); the entropy bonus (a KL to the uniform prior, up to a constant) keeps the gate
   from collapsing onto one step.
-- ``uniform`` / ``progressive`` / ``last`` / ``w1,...,wT``: the backbone is trained on
-  (1/T) sum_t CE_t, on sum_t t CE_t / sum_t t (later steps weigh more, none is left out), on
-  CE_T alone, or on sum_t w_t CE_t / sum_t w_t, and the gate learns the same exit objective on
-  the detached per-step losses,
-  sum_t p(t) sg[CE_t] - beta H(p). The gate then decides where to exit without deciding how much
+- fixed weights (``models/step_weights.py``: ``last:F``, the CLI's default, ``uniform``,
+  ``progressive``, ``last`` or ``w1,...,wT``): the backbone is trained on sum_t w_t CE_t (w_T = F
+  and the others (1 - F) / (T - 1); 1/T each; w_t proportional to t; CE_T alone; the given
+  numbers, normalised), and the gate learns the same exit objective on the detached per-step
+  losses, sum_t p(t) sg[CE_t] - beta H(p). The gate then decides where to exit without deciding how much
   each step is trained, which breaks the loop by which an early-exiting gate starves the later
   steps of gradient and the later steps' higher loss pushes the gate to exit earlier still.
+- ``increase_penalty`` lambda (an ablation, not Ouro's) adds lambda * sum_t max(0, CE_{t+1} -
+  sg[CE_t]) per token to either.
 Stage 2 (gate training): the backbone is frozen out of the loss (its per-step losses are
 detached) and the gate learns to stop when another step stops helping: with the per-token
 improvement I_t = max(0, CE_{t-1} - CE_t), the target continue-probability is
@@ -35,7 +37,6 @@ import torch.nn.functional as F
 
 from megatron_looprpt.models.exit_gate import exit_log_distribution, expected_exit_step, q_exit_steps
 from megatron_looprpt.models.step_weights import step_weights as fixed_step_weights
-
 
 
 @dataclass(frozen=True)
