@@ -55,7 +55,7 @@ from typing import Dict, List, Optional
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from megatron_looprpt.arguments import CHECKPOINT_DEFAULTS, parse_args  # noqa: E402
+from megatron_looprpt.arguments import checkpoint_settings, parse_args  # noqa: E402
 from megatron_looprpt.flags import build_parser  # noqa: E402
 from megatron_looprpt.data.composition import CompositionTask, write_composition_task  # noqa: E402
 from megatron_looprpt.training.checkpointing.meta import read_checkpoint_args  # noqa: E402
@@ -173,7 +173,7 @@ def refuse_another_recipe(save_dir: str, flags: List[str]) -> None:
     saved = read_checkpoint_args(save_dir)
     if saved is None:
         return
-    saved, wanted = {**CHECKPOINT_DEFAULTS, **saved}, vars(parse_args(flags))
+    saved, wanted = checkpoint_settings(saved), vars(parse_args(flags))
     differ = [f"--{name.replace('_', '-')} {saved[name]} (now {wanted[name]})"
               for name in RECIPE_SETTINGS if name in saved and saved[name] != wanted[name]]
     if differ:

@@ -170,12 +170,17 @@ def _validate_shape(args) -> None:
     _require(args.step_increase_penalty >= 0.0,
              f"--step-increase-penalty {args.step_increase_penalty} must be >= 0")
     if args.step_loss_weights != "exit":
-        from megatron_looprpt.models.step_weights import step_weights
+        _require_step_weights("--step-loss-weights", args.step_loss_weights, args.loop_steps,
+                              " (or exit, Ouro's loss)")
 
-        try:
-            step_weights(args.step_loss_weights, args.loop_steps)
-        except ValueError as error:
-            raise ConfigError(f"--step-loss-weights: {error} (or exit, Ouro's loss)") from None
+
+def _require_step_weights(flag: str, kind: str, loop_steps: int, alternatives: str = "") -> None:
+    from megatron_looprpt.models.step_weights import step_weights
+
+    try:
+        step_weights(kind, loop_steps)
+    except ValueError as error:
+        raise ConfigError(f"{flag}: {error}{alternatives}") from None
 
 
 def _validate_parallel(args, world_size: int) -> None:
@@ -347,12 +352,7 @@ def _validate_token_rl(args) -> None:
     else:
         _require(args.num_generated_prompts >= 1, "--num-generated-prompts must be >= 1")
     if args.rl_algo == "rltt":
-        from megatron_looprpt.models.step_weights import step_weights
-
-        try:
-            step_weights(args.rltt_weights or "uniform", args.loop_steps)
-        except ValueError as error:
-            raise ConfigError(f"--rltt-weights: {error}") from None
+        _require_step_weights("--rltt-weights", args.rltt_weights or "uniform", args.loop_steps)
 
 
 def _validate_data(args) -> None:
@@ -474,9 +474,15 @@ _DATAFLOW_CHANGES = {
 }
 
 
+def checkpoint_settings(saved_args: dict) -> dict:
+    """A checkpoint's saved arguments, with what one saved before a setting existed was trained
+    with (CHECKPOINT_DEFAULTS) where the setting is missing."""
+    return {**CHECKPOINT_DEFAULTS, **saved_args}
+
+
 def _settings_in_effect(saved_args: dict, table: dict) -> list:
     """The entries (less the value) of ``table`` whose setting the checkpoint arguments have."""
-    saved_args = {**CHECKPOINT_DEFAULTS, **saved_args}
+    saved_args = checkpoint_settings(saved_args)
     return [entry[1:] for name, entry in table.items() if saved_args[name] == entry[0]]
 
 
@@ -496,7 +502,7 @@ def check_checkpoint_shape(args: argparse.Namespace, saved_args: dict) -> None:
     """Refuse a --load checkpoint of another shape before anything is built. ``saved_args``: the
     arguments stored with the checkpoint. The vocabulary is compared once the caller has set
     ``args.padded_vocab_size`` (it needs the tokenizer)."""
-    saved_args = {**CHECKPOINT_DEFAULTS, **saved_args}
+    saved_args = checkpoint_settings(saved_args)
     mismatches = [
         f"{_flag(name)} {getattr(args, name)} but the checkpoint has {saved_args[name]}"
         for name in _CHECKPOINT_SHAPE

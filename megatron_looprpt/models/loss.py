@@ -12,9 +12,9 @@ Stage 1 objectives (``step_weights``):
   ``progressive``, ``last`` or ``w1,...,wT``): the backbone is trained on sum_t w_t CE_t (w_T = F
   and the others (1 - F) / (T - 1); 1/T each; w_t proportional to t; CE_T alone; the given
   numbers, normalised), and the gate learns the same exit objective on the detached per-step
-  losses, sum_t p(t) sg[CE_t] - beta H(p). The gate then decides where to exit without deciding how much
-  each step is trained, which breaks the loop by which an early-exiting gate starves the later
-  steps of gradient and the later steps' higher loss pushes the gate to exit earlier still.
+  losses, sum_t p(t) sg[CE_t] - beta H(p). The gate then decides where to exit without deciding
+  how much each step is trained, which breaks the loop by which an early-exiting gate starves the
+  later steps of gradient and the later steps' higher loss pushes the gate to exit earlier still.
 - ``increase_penalty`` lambda (an ablation, not Ouro's) adds lambda * sum_t max(0, CE_{t+1} -
   sg[CE_t]) per token to either.
 Stage 2 (gate training): the backbone is frozen out of the loss (its per-step losses are

@@ -35,6 +35,7 @@ from megatron_looprpt.rl.teacher import forward_outputs
 from megatron_looprpt.device import to_device
 from megatron_looprpt.schedule import train_step
 
+
 @dataclass(frozen=True)
 class GRPOConfig:
     num_samples: int = 4               # G answers per prompt
