@@ -25,6 +25,10 @@ def test_group_advantages():
     assert torch.equal(adv[1], torch.zeros(4))   # no signal when every answer scores alike
     # mean 0.75, population std sqrt(27/16)
     assert torch.allclose(adv[2], (rewards[2] - 0.75) / (math.sqrt(27 / 16) + 1e-6))
+    # equal rewards that are not dyadic: their fp32 mean is often an ulp off them, still no signal
+    equal = torch.rand(200, 1, generator=torch.Generator().manual_seed(1)).expand(-1, 8).contiguous()
+    assert (equal.mean(-1, keepdim=True) != equal).any()
+    assert torch.equal(group_advantages(equal), torch.zeros_like(equal))
 
 
 def test_token_loss_against_a_direct_computation():

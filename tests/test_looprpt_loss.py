@@ -188,6 +188,21 @@ def test_grpo_advantages_hand_case_and_normalisation():
         grpo_advantages(r[:1], 1e-8)
 
 
+def test_grpo_advantages_of_equal_rewards_are_exactly_zero():
+    # a group whose rollouts all sampled one step: its fp32 mean is often an ulp off the rewards,
+    # which eps = 1e-8 would scale into an advantage of order one (different under each layout)
+    values = torch.rand(B, S * 100, generator=torch.Generator().manual_seed(5)) - 0.5
+    rewards = values.expand(8, -1, -1).contiguous()   # LoopRPT's default G
+    assert (rewards.mean(0) != rewards[0]).any()     # the naive centring is not exact here
+    assert torch.equal(grpo_advantages(rewards, 1e-8), torch.zeros_like(rewards))
+    # one member apart, the group is normalised as before
+    rewards = rewards.clone()
+    rewards[0] += 1.0
+    a = grpo_advantages(rewards, 0.0)
+    expected = (rewards - rewards.mean(0)) / rewards.std(0)
+    torch.testing.assert_close(a, expected)
+
+
 def test_k3_kl():
     x = torch.randn(T, B, S, dtype=DT, generator=torch.Generator().manual_seed(3))
     assert torch.equal(k3_kl(x, x), torch.zeros_like(x))

@@ -30,7 +30,7 @@ import torch
 from megatron_looprpt.inference.generation import SamplingConfig, generate
 from megatron_looprpt.models.looped_gpt import HeadRequest
 from megatron_looprpt.models.step_weights import step_weights
-from megatron_looprpt.rl.looprpt_loss import TeacherOutputs
+from megatron_looprpt.rl.looprpt_loss import TeacherOutputs, deviations_from_mean
 from megatron_looprpt.rl.teacher import forward_outputs
 from megatron_looprpt.device import to_device
 from megatron_looprpt.schedule import train_step
@@ -60,9 +60,8 @@ class GRPOConfig:
 
 def group_advantages(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """Rewards [P, G] -> advantages [P, G]: (r - group mean) / (group std + eps)."""
-    mean = rewards.mean(dim=-1, keepdim=True)
     std = rewards.std(dim=-1, unbiased=False, keepdim=True)
-    return (rewards - mean) / (std + eps)
+    return deviations_from_mean(rewards, -1) / (std + eps)
 
 
 def grpo_token_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor,

@@ -42,8 +42,8 @@ from megatron_looprpt.models.exit_gate import q_exit_steps as reference_step
 __all__ = [
     "LoopRPTConfig", "TeacherOutputs", "StudentOutputs", "exit_distribution",
     "exit_log_distribution", "exit_entropy", "reference_step", "difficulty", "hard_token_count",
-    "hard_token_mask",
-    "step_rewards", "sample_exit_steps", "grpo_advantages", "k3_kl", "looprpt_loss",
+    "hard_token_mask", "step_rewards", "sample_exit_steps", "deviations_from_mean", "grpo_advantages",
+    "k3_kl", "looprpt_loss",
 ]
 
 
@@ -175,6 +175,19 @@ def sample_exit_steps(rollout_p: torch.Tensor, uniforms: torch.Tensor) -> torch.
     return (cdf <= u).sum(dim=1).clamp_max(num_steps - 1)
 
 
+def deviations_from_mean(rewards: torch.Tensor, dim: int) -> torch.Tensor:
+    """rewards - their mean along ``dim``, exactly zero where a group's rewards are all equal.
+
+    The mean of eight equal fp32 numbers is often one ulp away from them (7e-9 for a reward of
+    0.1), and with the group's std exactly zero, LoopRPT's eps of 1e-8 scales that ulp into an
+    advantage of order one: a gradient made of round-off, different under each parallel layout.
+    Deviations from the group's first member are exact zeros for such a group, and so is their
+    mean; otherwise they equal r - mean(r) to round-off.
+    """
+    shifted = rewards - rewards.narrow(dim, 0, 1)
+    return shifted - shifted.mean(dim=dim, keepdim=True)
+
+
 def grpo_advantages(rewards: torch.Tensor, eps: float) -> torch.Tensor:
     """(R - mean R) / (std R + eps) over dimension 0 (unbiased std, as the authors).
 
@@ -182,9 +195,7 @@ def grpo_advantages(rewards: torch.Tensor, eps: float) -> torch.Tensor:
     """
     if rewards.shape[0] < 2:
         raise ValueError("advantages need a group of at least two along dimension 0")
-    mean = rewards.mean(dim=0, keepdim=True)
-    std = rewards.std(dim=0, keepdim=True)
-    return (rewards - mean) / (std + eps)
+    return deviations_from_mean(rewards, 0) / (rewards.std(dim=0, keepdim=True) + eps)
 
 
 def k3_kl(t_logp: torch.Tensor, s_logp: torch.Tensor) -> torch.Tensor:
