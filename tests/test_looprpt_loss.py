@@ -13,7 +13,7 @@ from fractions import Fraction
 from megatron_looprpt.rl.ema import copy_params_, ema_update_
 from megatron_looprpt.rl.looprpt_loss import (
     ENTROPY_LEVEL, LoopRPTConfig, StudentOutputs, TeacherOutputs, difficulty, exit_distribution,
-    exit_entropy, exit_log_distribution, grpo_advantages, hard_token_count, hard_token_mask, k3_kl,
+    exit_entropy, grpo_advantages, hard_token_count, hard_token_mask, k3_kl,
     looprpt_loss, reference_step, sample_exit_steps, step_rewards)
 
 T, B, S, V, G = 3, 2, 4, 16, 4
