@@ -1,6 +1,6 @@
 """LoopRPT against continued LM pre-training, from stage-1 models that use their loops.
 
-    bash examples/looprpt_vs_lm.sh        # = python examples/looprpt_vs_lm.py (docs/looprpt.md: wall time)
+    bash examples/looprpt_vs_lm.sh        # = python examples/looprpt_vs_lm.py (docs/studies.md: results, wall time)
     python examples/looprpt_vs_lm.py --iters 100 --seeds 1 2 3 --out runs/looprpt_vs_lm
 
 Stage 1 is the depth study's looped model on the composition task (examples/depth_study.py,
@@ -30,7 +30,6 @@ import concurrent.futures
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from typing import Dict, List
